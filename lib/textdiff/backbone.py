@@ -1,0 +1,251 @@
+"""Frozen diffusion backbone: a diffusers ``UNet2DModel`` seen as a multi-scale feature extractor.
+
+Decoder numbering ("blocks")
+----------------------------
+The decoder is numbered exactly like OpenAI guided-diffusion's ``output_blocks``: each up block contributes
+``layers_per_block + 1`` units, unit *j* being the last module of the j-th (resnet [+ attention] [+ upsampler]) group,
+i.e. ``upsamplers[0]`` for the last group of a block that upsamples, else ``attentions[j]`` if the block has
+attention, else ``resnets[j]``. So ADM indices from the paper (MoNuSeg 6,8,12,16; QaTa 4,6,8,12) can be given as they
+are to a converted ADM checkpoint. ``decoder_units(unet)`` lists them.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_STEPS = (50, 150, 250)
+DEFAULT_NOISE_SEED = 0
+SHIPPED_BACKBONES = Path(__file__).parent / "weights"
+DEFAULT_BACKBONE = "default"
+
+
+class BackboneLoadError(RuntimeError):
+    pass
+
+
+def _resolve_shipped(name: str) -> Path | None:
+    folder = SHIPPED_BACKBONES / ("backbone" if name == DEFAULT_BACKBONE else name)
+    return folder if (folder / "config.json").is_file() else None
+
+
+def load_unet(source: str | os.PathLike | None = None):
+    """Load a UNet2DModel from the shipped default, a local ``save_pretrained`` folder or a hub id."""
+    from diffusers import UNet2DModel
+
+    source = str(source or DEFAULT_BACKBONE)
+    shipped = _resolve_shipped(source)
+    path = shipped or Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BackboneLoadError(f"backbone folder {path} has no config.json (expected a UNet2DModel save_pretrained folder)")
+        return UNet2DModel.from_pretrained(str(path))
+    if source == DEFAULT_BACKBONE:
+        raise BackboneLoadError(
+            f"the shipped default backbone is missing from {SHIPPED_BACKBONES}; pass --backbone FOLDER "
+            "or create one with `textdiff pretrain`")
+    if not _looks_like_hub_id(source):
+        raise BackboneLoadError(f"backbone folder {source!r} does not exist (and it is not a hub id like owner/name)")
+    try:
+        return UNet2DModel.from_pretrained(source, subfolder=None)
+    except Exception as error:  # hub unreachable, repo missing, not a UNet2DModel ...
+        try:  # repos like google/ddpm-* keep the UNet in a subfolder
+            return UNet2DModel.from_pretrained(source, subfolder="unet")
+        except Exception:
+            pass
+        raise BackboneLoadError(
+            f"could not load backbone {source!r}: it is not a local folder and the model hub did not provide it "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). On a machine with internet run "
+            f"`python -c \"from diffusers import UNet2DModel; UNet2DModel.from_pretrained('{source}')"
+            f".save_pretrained('my_backbone')\"`, copy the folder here and pass --backbone my_backbone; "
+            "or convert an OpenAI checkpoint with `textdiff convert-adm`.") from None
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) <= 2 and all(parts) and not source.startswith((".", "~", "/"))
+
+
+def decoder_units(unet) -> list[tuple[str, nn.Module]]:
+    """The decoder's units in ADM ``output_blocks`` order, as (qualified name, module)."""
+    units = []
+    for i, block in enumerate(unet.up_blocks):
+        n = len(block.resnets)
+        attentions = getattr(block, "attentions", None)
+        upsamplers = getattr(block, "upsamplers", None)
+        for j in range(n):
+            if j == n - 1 and upsamplers:
+                units.append((f"up_blocks.{i}.upsamplers.0", upsamplers[0]))
+            elif attentions is not None and len(attentions) == n:
+                units.append((f"up_blocks.{i}.attentions.{j}", attentions[j]))
+            else:
+                units.append((f"up_blocks.{i}.resnets.{j}", block.resnets[j]))
+    return units
+
+
+def default_blocks(unet, max_levels: int = 4) -> tuple[int, ...]:
+    """One unit per resolution: the last unit before each upsampler (and the final one), finest ``max_levels``.
+
+    Works for any UNet2DModel: it only relies on how many resnets each up block has.
+    """
+    blocks, index = [], 0
+    for block in unet.up_blocks:
+        n = len(block.resnets)
+        last = index + n - 1
+        blocks.append(last - 1 if getattr(block, "upsamplers", None) and n > 1 else last)
+        index += n
+    return tuple(blocks[-max_levels:])
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook so nothing after it is computed."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    blocks: tuple[int, ...]
+    channels: tuple[int, ...]  # per block, after concatenation over steps
+    strides: tuple[int, ...]  # input size / feature size, per block
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, auto)")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # CPUs with native bf16 (AVX512-BF16 / AMX) run it ~2x faster; elsewhere bf16 is emulated and slower.
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class DiffusionFeatures(nn.Module):
+    """Noise an image at a few steps with one fixed noise and return the hooked decoder activations.
+
+    ``forward(x)`` takes images in [-1, 1], shape (B, C, H, W) with H, W divisible by the UNet's total
+    downsampling, and returns one tensor per hooked block, shape (B, len(steps) * C_block, h, w), step-major.
+    """
+
+    def __init__(self, unet, blocks=None, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED,
+                 precision: str = "fp32", early_exit: bool = True):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+        self.units = decoder_units(unet)
+        self.blocks = tuple(int(b) for b in (blocks if blocks is not None else default_blocks(unet)))
+        if not self.blocks:
+            raise ValueError("at least one decoder block must be hooked")
+        for b in self.blocks:
+            if not 0 <= b < len(self.units):
+                raise ValueError(f"decoder block {b} does not exist: this UNet has blocks 0..{len(self.units) - 1}")
+        self.steps = tuple(int(t) for t in steps)
+        if not self.steps or any(not 0 <= t < 1000 for t in self.steps):
+            raise ValueError(f"diffusion steps must be in [0, 999], got {self.steps}")
+        self.noise_seed = int(noise_seed)
+        self.precision = precision
+        self.early_exit = early_exit
+        self._noise: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def multiple(self) -> int:
+        """Input sizes must be divisible by this (the UNet's total downsampling)."""
+        return 2 ** sum(1 for b in self.unet.down_blocks if getattr(b, "downsamplers", None))
+
+    def noise(self, shape, device) -> torch.Tensor:
+        """One fixed noise per (C, H, W), shared by all steps and all images (the paper's recipe)."""
+        key = (tuple(shape), str(device))
+        if key not in self._noise:
+            generator = torch.Generator().manual_seed(self.noise_seed)
+            self._noise[key] = torch.randn(tuple(shape), generator=generator).to(device)
+        return self._noise[key]
+
+    def spec(self, size: int = 64) -> FeatureSpec:
+        size = max(size, self.multiple)
+        x = torch.zeros(1, self.in_channels, size, size, device=self.device)
+        feats = self.forward(x)
+        return FeatureSpec(self.blocks, tuple(f.shape[1] for f in feats), tuple(size // f.shape[-1] for f in feats))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the features (weights, blocks, steps, noise) for cache keys."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.unet.state_dict().items()):
+            digest.update(name.encode())
+            flat = tensor.detach().float().flatten()
+            digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
+            digest.update(str(float(flat.sum())).encode())
+        digest.update(json.dumps([self.blocks, self.steps, self.noise_seed, self.precision]).encode())
+        return digest.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected (B, {self.in_channels}, H, W) images, got {tuple(x.shape)}")
+        m = self.multiple
+        if x.shape[-1] % m or x.shape[-2] % m:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by {m} for this backbone")
+        device = self.device
+        x = x.to(device, torch.float32)
+        batch, steps = x.shape[0], len(self.steps)
+        noise = self.noise(x.shape[1:], device)
+        t = torch.tensor(self.steps, device=device).repeat(batch)  # image-major: (b0t0, b0t1, ..., b1t0, ...)
+        x_t = self.scheduler.add_noise(x.repeat_interleave(steps, 0), noise.expand(batch * steps, -1, -1, -1), t)
+
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(self.blocks)
+        handles = []
+        for b in set(self.blocks):
+            def hook(_module, _inputs, output, b=b):
+                captured[b] = output[0] if isinstance(output, tuple) else output
+                if self.early_exit and b == deepest:
+                    raise _StopForward
+            handles.append(self.units[b][1].register_forward_hook(hook))
+        try:
+            with _autocast(device, resolve_precision(self.precision, device)):
+                self.unet(x_t, t)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        out = []
+        for b in self.blocks:
+            f = captured[b].float()
+            out.append(f.reshape(batch, steps * f.shape[1], *f.shape[-2:]))
+        return out
+
+
+def naive_features(unet, x: torch.Tensor, blocks, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED) -> list[torch.Tensor]:
+    """Reference loop (one full fp32 forward per step, hooks, no early exit): for tests and the benchmark."""
+    per_step = [DiffusionFeatures(unet, blocks, (t,), noise_seed, "fp32", early_exit=False)(x) for t in steps]
+    return [torch.cat([p[i] for p in per_step], dim=1) for i in range(len(per_step[0]))]

@@ -1,0 +1,180 @@
+"""The ``textdiff`` command: parses arguments and calls the engine; nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.replace(",", " ").split()]
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="default", help="UNet2DModel folder or hub id (default: the shipped backbone)")
+    p.add_argument("--text-encoder", default="default", help="transformers folder or hub id (default: embedded MiniLM-L6)")
+    p.add_argument("--blocks", type=_ints, help="decoder block indices, ADM output_blocks numbering (e.g. 6,8,12,16)")
+    p.add_argument("--steps", type=_ints, default=[50, 150, 250], help="diffusion steps (default 50,150,250)")
+    p.add_argument("--window", type=int, default=256, help="working size: sliding-window side (default 256)")
+    p.add_argument("--scale", type=float, default=None, help="working scale (default: 0.5 for images >= 768 px, else 1)")
+    p.add_argument("--max-tokens", type=int, default=64, help="report token budget (default 64)")
+    p.add_argument("--no-text", action="store_true", help="train the same head without the report (ablation)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--label", default="foreground", help="name of the foreground class (default foreground)")
+
+
+def _device(name: str | None):
+    import torch
+
+    return torch.device(name) if name else None
+
+
+def cmd_train(args) -> int:
+    from .data import read_image, read_lvit
+    from .model import ModelConfig, TextDiffModel
+    from .train import TrainConfig, train
+
+    samples = [s for folder in args.data for s in read_lvit(folder)]
+    val = [s for folder in args.val for s in read_lvit(folder)] if args.val else []
+    if args.limit:
+        samples = samples[: args.limit]
+    if args.val_limit:
+        val = val[-args.val_limit:]
+    scale = args.scale
+    if scale is None:
+        scale = 0.5 if min(read_image(samples[0].image).size_hw) >= 768 else 1.0
+    config = ModelConfig(backbone=args.backbone, blocks=args.blocks, steps=args.steps, text_encoder=args.text_encoder,
+                         max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, scale=scale,
+                         labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision)
+    model = TextDiffModel.build(config, _device(args.device))
+    summary = train(model, samples, val, args.out,
+                    TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                variants=args.variants, cache_dir=args.cache_dir))
+    best = summary["best"]
+    print(f"saved {args.out}: best epoch {best['epoch']}, val Dice {best['dice']:.4f}, "
+          f"{summary['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _load(args):
+    from .model import TextDiffModel
+
+    return TextDiffModel.load(args.model, _device(args.device))
+
+
+def cmd_evaluate(args) -> int:
+    from .data import read_lvit
+    from .evaluate import evaluate
+
+    samples = [s for folder in args.data for s in read_lvit(folder)]
+    if args.limit:
+        samples = samples[-args.limit:]
+    result = evaluate(_load(args), samples, args.overlays, use_reports=not args.ignore_reports)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, v in result["per_image"].items():
+            print(f"{name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
+        print(f"{'mean over ' + str(result['n']) + ' images':40s} Dice {result['dice']:.4f}  IoU {result['iou']:.4f}")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import read_image, write_label
+
+    model = _load(args)
+    image = read_image(args.image)
+    label = model.predict(image, args.report, progress=lambda it: tqdm(it, desc="slices", unit="slice"))
+    out = write_label(label, image, args.out, scale_255=args.scale_255)
+    print(f"wrote {out} ({'x'.join(map(str, label.shape))}, foreground {float((label > 0).mean()):.1%})", file=sys.stderr)
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(images=args.images, out=args.out, size=args.size, scale=args.scale or [1.0],
+                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every, minutes=args.minutes, precision=args.precision)
+    out = pretrain(config, resume=args.resume)
+    print(f"backbone written to {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textdiff", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--verbose", "-v", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="few-shot training of the fusion head on LViT-format folders")
+    p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")
+    p.add_argument("--val", action="append", help="LViT folder for model selection (repeatable)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    _add_model_options(p)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--variants", type=int, default=1, help="image-space flip/rotation variants cached per image (1-8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N training samples")
+    p.add_argument("--val-limit", type=int, help="use only the last N validation samples")
+    p.add_argument("--cache-dir", help="also keep frozen features on disk here (reused across runs)")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="per-image mean Dice / IoU at native resolution")
+    p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--overlays", help="write image/ground truth/prediction PNGs here")
+    p.add_argument("--limit", type=int, help="evaluate only the last N samples")
+    p.add_argument("--ignore-reports", action="store_true", help="run without the reports (no-text path)")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("infer", help="segment one image or volume")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True, help="2D image, volume file or DICOM series folder")
+    p.add_argument("--report", help="report text (omit to run without text)")
+    p.add_argument("--out", required=True, help=".png for 2D, .nii.gz / .nrrd for volumes")
+    p.add_argument("--scale-255", action="store_true", help="write labels as 0/255 instead of 0/1")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("pretrain", help="train a diffusion backbone (DDPM) on unlabeled images")
+    p.add_argument("--images", action="append", required=True, help="folder of images (repeatable)")
+    p.add_argument("--out", required=True, help="backbone folder to write (save_pretrained + recipe.json)")
+    p.add_argument("--size", type=int, default=256, help="random crop size")
+    p.add_argument("--scale", type=float, action="append", help="resize factor, once or once per --images")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--minutes", type=float, help="stop (checkpointed) after this much time; --resume goes on")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        if args.verbose:
+            raise
+        print(f"textdiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""TextDiffModel: frozen backbone + frozen report encoder + trained head, with native-resolution inference.
+
+A model folder holds ``config.json`` (everything needed to rebuild the model) and the head's weights as safetensors.
+``config.json`` names the weights file, and is replaced last (atomically), so a reader never sees a half-written
+model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import preprocess
+from .backbone import DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, load_unet
+from .data import Image
+from .head import FusionHead
+from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = DEFAULT_BACKBONE
+    blocks: list[int] | None = None  # None: the backbone's default_blocks
+    steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
+    noise_seed: int = DEFAULT_NOISE_SEED
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    use_text: bool = True
+    window: int = 256  # working size: the side of one sliding window, in working-scale pixels
+    scale: float = 1.0  # working scale: input pixels are resized by this before windows are cut
+    overlap: float = 0.25
+    labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
+    head_dim: int = 64
+    head_heads: int = 4
+    precision: str = "auto"
+    feature_channels: list[int] | None = None  # filled when the head is built
+    backbone_fingerprint: str | None = None
+    weights: str | None = None  # name of the head's safetensors file inside the model folder
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels.values()) + 1
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.lru_cache(maxsize=4)
+def frozen_backbone(source: str, device: str):
+    """Backbones are shared by every model (and by infer, train and scoring) in one process."""
+    return load_unet(source).to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def frozen_encoder(source: str, max_tokens: int, device: str) -> ReportEncoder:
+    return ReportEncoder.load(source, max_tokens).to(device)
+
+
+class TextDiffModel(torch.nn.Module):
+    def __init__(self, config: ModelConfig, features: DiffusionFeatures, encoder: ReportEncoder | None,
+                 head: FusionHead):
+        super().__init__()
+        self.config = config
+        self.features = features
+        self.encoder = encoder
+        self.head = head
+
+    # ----- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: ModelConfig, device=None, unet=None, encoder: ReportEncoder | None = None):
+        """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given."""
+        device = torch.device(device or default_device())
+        unet = unet if unet is not None else frozen_backbone(config.backbone, str(device))
+        features = DiffusionFeatures(unet, config.blocks, config.steps, config.noise_seed, config.precision)
+        config.blocks = list(features.blocks)
+        if config.window % features.multiple:
+            raise ValueError(f"window {config.window} must be divisible by {features.multiple} for this backbone")
+        if encoder is None:
+            encoder = frozen_encoder(config.text_encoder, config.max_tokens, str(device))
+        spec = features.spec()
+        fingerprint = features.fingerprint()
+        if config.feature_channels is not None and list(spec.channels) != list(config.feature_channels):
+            raise ValueError(f"backbone {config.backbone!r} gives feature channels {list(spec.channels)}, "
+                             f"the model was trained with {config.feature_channels}")
+        config.feature_channels = list(spec.channels)
+        if config.backbone_fingerprint and config.backbone_fingerprint != fingerprint:
+            import warnings
+            warnings.warn(f"backbone {config.backbone!r} differs from the one this model was trained with "
+                          f"(fingerprint {fingerprint} != {config.backbone_fingerprint}); results may be off")
+        config.backbone_fingerprint = fingerprint
+        head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
+                          config.head_heads, config.use_text).to(device)
+        return cls(config, features, encoder, head)
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, device=None, unet=None, encoder=None) -> "TextDiffModel":
+        model_dir = Path(model_dir)
+        config_path = model_dir / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{model_dir} is not a TextDiff model folder (no {CONFIG_NAME})")
+        config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+        model = cls.build(config, device, unet, encoder)
+        state = load_file(str(model_dir / (config.weights or "head.safetensors")))
+        model.head.load_state_dict(state)
+        return model.eval()
+
+    def save(self, model_dir: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write weights under a content-named file, then replace config.json atomically; old weights are removed."""
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        digest = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in state.values())).hexdigest()[:12]
+        weights = f"head-{digest}.safetensors"
+        _atomic_write(model_dir / weights, lambda p: save_file(state, str(p)))
+        self.config.weights = weights
+        _atomic_write(model_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
+        if extra:
+            _atomic_write(model_dir / "training.json", lambda p: Path(p).write_text(json.dumps(extra, indent=2)))
+        for old in model_dir.glob("head-*.safetensors"):
+            if old.name != weights:
+                old.unlink(missing_ok=True)
+        return model_dir
+
+    # ----- inference ----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def text_tokens(self, reports: list[str | None]):
+        """Padded report tokens for a batch; (None, None) when the model runs without text."""
+        if not self.config.use_text or self.encoder is None:
+            return None, None
+        tokens, mask = collate_tokens([self.encoder.embed(r) for r in reports], self.encoder.dim)
+        return tokens.to(self.device), mask.to(self.device)
+
+    def head_logits(self, features: list[torch.Tensor], tokens=None, mask=None, size=None) -> torch.Tensor:
+        """Head logits upsampled to the window size."""
+        logits = self.head(features, tokens, mask)
+        size = size or self.config.window
+        return torch.nn.functional.interpolate(logits.float(), size=(size, size) if isinstance(size, int) else size,
+                                               mode="bilinear", align_corners=False)
+
+    def prepare(self, plane: np.ndarray, value_range=None) -> torch.Tensor:
+        return preprocess.prepare(plane, self.features.in_channels, self.config.scale, value_range)
+
+    @torch.inference_mode()
+    def predict_proba(self, plane: np.ndarray, report: str | None = None, value_range=None,
+                      sw_batch_size: int = 4) -> torch.Tensor:
+        """Class probabilities (classes, H, W) of one 2D plane at its native size, by sliding windows."""
+        from monai.inferers import sliding_window_inference
+
+        x = self.prepare(plane, value_range)[None].to(self.device)
+        tokens, mask = self.text_tokens([report])
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            n = windows.shape[0]
+            feats = self.features(windows)
+            t = tokens.expand(n, -1, -1) if tokens is not None else None
+            m = mask.expand(n, -1) if mask is not None else None
+            return self.head_logits(feats, t, m, size=windows.shape[-2:])
+
+        window = self.config.window
+        logits = sliding_window_inference(x, (window, window), sw_batch_size, predictor,
+                                          overlap=self.config.overlap, mode="gaussian", padding_mode="constant")
+        probs = torch.softmax(logits[0].float(), dim=0)
+        size = plane.shape[:2]
+        return preprocess.resize_to(probs, size).cpu()
+
+    def predict(self, image: Image, report: str | None = None, progress=None) -> np.ndarray:
+        """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
+        value_range = preprocess.intensity_range(image.array)
+        if not image.is_volume:
+            return self.predict_proba(image.array, report, value_range).argmax(0).numpy().astype(np.uint8)
+        slices = range(image.array.shape[0])
+        labels = [self.predict_proba(image.array[z], report, value_range).argmax(0).numpy().astype(np.uint8)
+                  for z in (progress(slices) if progress else slices)]
+        return np.stack(labels)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

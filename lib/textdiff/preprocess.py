@@ -1,0 +1,64 @@
+"""The one place where pixels become backbone input: intensity range, channels, working scale.
+
+Training, CLI inference and the MONAI Label app all go through these functions, with parameters from the model
+folder's config, so the three can never disagree.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def intensity_range(array: np.ndarray) -> tuple[float, float]:
+    """8-bit data keeps its full range; anything else (CT, MR, 16-bit) uses robust percentiles of the whole input."""
+    if array.dtype == np.uint8:
+        return 0.0, 255.0
+    low, high = np.percentile(array, (0.5, 99.5))
+    return float(low), float(high) if high > low else float(low) + 1.0
+
+
+def to_tensor(plane: np.ndarray, in_channels: int, value_range: tuple[float, float]) -> torch.Tensor:
+    """(H, W) or (H, W, C) pixels -> (in_channels, H, W) float32 in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(plane)).float()
+    if x.ndim == 2:
+        x = x[..., None]
+    x = x.permute(2, 0, 1)
+    low, high = value_range
+    x = ((x - low) / (high - low)).clamp(0, 1) * 2 - 1
+    if x.shape[0] == in_channels:
+        return x
+    if x.shape[0] == 1:  # grey into an RGB backbone
+        return x.expand(in_channels, -1, -1).clone()
+    if in_channels == 1:  # colour into a grey backbone: luminance
+        weights = torch.tensor([0.299, 0.587, 0.114])[: x.shape[0]]
+        return (x * (weights / weights.sum())[:, None, None]).sum(0, keepdim=True)
+    raise ValueError(f"cannot feed a {x.shape[0]}-channel image to a {in_channels}-channel backbone")
+
+
+def rescale(x: torch.Tensor, scale: float, mode: str = "bilinear") -> torch.Tensor:
+    """Resize (C, H, W) by a factor (the model's working scale); masks use mode='nearest-exact'."""
+    if scale == 1.0:
+        return x
+    size = [max(1, round(s * scale)) for s in x.shape[-2:]]
+    if mode == "nearest-exact":
+        return F.interpolate(x[None].float(), size=size, mode=mode)[0].to(x.dtype)
+    return F.interpolate(x[None], size=size, mode=mode, align_corners=False, antialias=scale < 1)[0]
+
+
+def resize_to(x: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) probabilities/logits back to the input's exact (H, W)."""
+    if tuple(x.shape[-2:]) == tuple(size_hw):
+        return x
+    return F.interpolate(x[None], size=tuple(size_hw), mode="bilinear", align_corners=False)[0]
+
+
+def prepare(plane: np.ndarray, in_channels: int, scale: float, value_range=None) -> torch.Tensor:
+    """Pixels of one 2D plane -> model input at the working scale."""
+    value_range = value_range or intensity_range(plane)
+    return rescale(to_tensor(plane, in_channels, value_range), scale)
+
+
+def prepare_mask(mask: np.ndarray, scale: float) -> torch.Tensor:
+    """(H, W) class indices -> (1, h, w) at the working scale."""
+    return rescale(torch.from_numpy(np.ascontiguousarray(mask)).long()[None], scale, mode="nearest-exact")

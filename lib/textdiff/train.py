@@ -1,0 +1,277 @@
+"""Few-shot training of the fusion head on cached frozen features.
+
+Each training image is cut into windows at the working scale; the frozen features of every window (and of every
+image-space augmentation variant) are extracted once and cached in fp16, so an epoch only runs the head. Cheap
+feature-space flips/rotations are added on top of the cached variants.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import preprocess
+from .data import Sample, read_image, read_mask
+from .metrics import dice_iou
+from .model import TextDiffModel, _atomic_write
+
+# Dihedral variants applied to the image before feature extraction: (number of 90° turns, horizontal flip).
+VARIANTS = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 4
+    seed: int = 0
+    variants: int = 1  # image-space variants extracted per image (1..8); more = better invariance, more extraction
+    feature_augment: bool = True
+    lambda_dice: float = 1.5
+    cache_dir: str | None = None  # also keep extracted features on disk (fp16 safetensors), reused across runs
+
+
+@dataclass
+class Window:
+    features: list[torch.Tensor]  # fp16, one per block
+    mask: torch.Tensor  # (window, window) long
+    report: str | None
+
+
+@dataclass
+class CachedImage:
+    name: str
+    windows: list[Window]
+    starts: list[tuple[int, int]]
+    scaled_size: tuple[int, int]
+    truth: np.ndarray  # native-size label map, for validation
+
+
+def grid_starts(length: int, window: int) -> list[int]:
+    """Window starts covering [0, length) with as little overlap as possible."""
+    if length <= window:
+        return [0]
+    n = math.ceil(length / window)
+    return sorted({round(i * (length - window) / (n - 1)) for i in range(n)})
+
+
+def _pad_to(x: torch.Tensor, window: int, value=0) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if h >= window and w >= window:
+        return x
+    return torch.nn.functional.pad(x, (0, max(0, window - w), 0, max(0, window - h)), value=value)
+
+
+def _dihedral(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+class FeatureCache:
+    """Frozen window features keyed by image content + everything that shapes them; in memory, optionally on disk."""
+
+    def __init__(self, model: TextDiffModel, cache_dir: str | Path | None = None, batch_size: int = 4):
+        self.model = model
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.batch_size = batch_size
+        self.memory: dict[str, CachedImage] = {}
+        self.extractions = 0  # backbone forwards run (windows), for tests and reports
+        c = model.config
+        self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
+                                     c.scale, c.precision])
+
+    def key(self, sample: Sample, variant: int) -> str:
+        digest = hashlib.sha256(self.signature.encode())
+        digest.update(Path(sample.image).read_bytes())
+        digest.update(str(variant).encode())
+        return digest.hexdigest()[:24]
+
+    def get(self, sample: Sample, variant: int = 0) -> CachedImage:
+        key = self.key(sample, variant)
+        if key in self.memory:
+            return self.memory[key]
+        cached = self._load_disk(key, sample) if self.cache_dir else None
+        if cached is None:
+            cached = self._extract(sample, variant)
+            if self.cache_dir:
+                self._save_disk(key, cached)
+        self.memory[key] = cached
+        return cached
+
+    def _extract(self, sample: Sample, variant: int) -> CachedImage:
+        model, window = self.model, self.model.config.window
+        image = read_image(sample.image)
+        if image.is_volume:
+            raise ValueError(f"{sample.image.name}: training takes 2D images (cut volumes into slices first)")
+        truth = read_mask(sample.mask, model.config.num_classes)
+        if truth.shape != image.size_hw:
+            raise ValueError(f"{sample.mask.name}: mask size {truth.shape} differs from image size {image.size_hw}")
+        turns, flip = VARIANTS[variant]
+        x = _dihedral(model.prepare(image.array), turns, flip)
+        y = _dihedral(preprocess.prepare_mask(truth, model.config.scale), turns, flip)[0]
+        scaled = tuple(x.shape[-2:])
+        x, y = _pad_to(x, window), _pad_to(y, window)
+        starts = [(i, j) for i in grid_starts(x.shape[-2], window) for j in grid_starts(x.shape[-1], window)]
+        crops = [x[:, i:i + window, j:j + window] for i, j in starts]
+        windows = []
+        for b in range(0, len(crops), self.batch_size):
+            batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
+            feats = model.features(batch)
+            self.extractions += batch.shape[0]
+            for k in range(batch.shape[0]):
+                i, j = starts[b + k]
+                windows.append(Window([f[k].half().cpu() for f in feats], y[i:i + window, j:j + window].clone(),
+                                      sample.report))
+        return CachedImage(sample.name, windows, starts, scaled, truth)
+
+    def _save_disk(self, key: str, cached: CachedImage) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"w{i}.f{b}": f for i, w in enumerate(cached.windows) for b, f in enumerate(w.features)}
+        tensors |= {f"w{i}.mask": w.mask.to(torch.uint8) for i, w in enumerate(cached.windows)}
+        tensors["truth"] = torch.from_numpy(cached.truth)
+        meta = {"starts": json.dumps(cached.starts), "scaled": json.dumps(cached.scaled_size),
+                "blocks": str(len(cached.windows[0].features))}
+        _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
+
+    def _load_disk(self, key: str, sample: Sample) -> CachedImage | None:
+        path = self.cache_dir / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata()
+        tensors = load_file(str(path))
+        starts = [tuple(s) for s in json.loads(meta["starts"])]
+        blocks = int(meta["blocks"])
+        windows = [Window([tensors[f"w{i}.f{b}"] for b in range(blocks)], tensors[f"w{i}.mask"].long(), sample.report)
+                   for i in range(len(starts))]
+        return CachedImage(sample.name, windows, starts, tuple(json.loads(meta["scaled"])), tensors["truth"].numpy())
+
+
+def _augment(feats: list[torch.Tensor], mask: torch.Tensor, rng: random.Random):
+    turns, flip = rng.randrange(4), rng.random() < 0.5
+    return [_dihedral(f, turns, flip) for f in feats], _dihedral(mask, turns, flip)
+
+
+def _batches(windows: list[Window], batch_size: int, rng: random.Random):
+    order = list(range(len(windows)))
+    rng.shuffle(order)
+    for b in range(0, len(order), batch_size):
+        yield [windows[i] for i in order[b:b + batch_size]]
+
+
+def validate(model: TextDiffModel, images: list[CachedImage], batch_size: int = 8) -> dict:
+    """Per-image mean Dice/IoU at native size from cached windows (stitched by averaging logits)."""
+    model.head.eval()
+    window, num_classes = model.config.window, model.config.num_classes
+    per_image = {}
+    with torch.inference_mode():
+        for image in images:
+            h, w = image.scaled_size
+            H, W = max(h, window), max(w, window)
+            logits = torch.zeros(num_classes, H, W)
+            counts = torch.zeros(1, H, W)
+            for b in range(0, len(image.windows), batch_size):
+                chunk = image.windows[b:b + batch_size]
+                feats = [torch.stack([c.features[k] for c in chunk]).to(model.device) for k in range(len(chunk[0].features))]
+                tokens, mask = model.text_tokens([c.report for c in chunk])
+                out = model.head_logits(feats, tokens, mask).cpu()
+                for k, (i, j) in enumerate(image.starts[b:b + batch_size]):
+                    logits[:, i:i + window, j:j + window] += out[k]
+                    counts[:, i:i + window, j:j + window] += 1
+            probs = torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
+            label = preprocess.resize_to(probs, image.truth.shape).argmax(0).numpy()
+            per_image[image.name] = dice_iou(label, image.truth, num_classes)
+    dice = float(np.mean([d for d, _ in per_image.values()]))
+    iou = float(np.mean([i for _, i in per_image.values()]))
+    return {"dice": dice, "iou": iou, "n": len(per_image), "per_image": per_image}
+
+
+def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[Sample] | None, out_dir: str | Path,
+          config: TrainConfig = TrainConfig(), progress: bool = True, cache: FeatureCache | None = None,
+          should_stop=None) -> dict:
+    """Train the head; the best-validation head (or the last, without validation) is saved to ``out_dir``."""
+    if not train_samples:
+        raise ValueError("no labeled training images")
+    if not 1 <= config.variants <= len(VARIANTS):
+        raise ValueError(f"variants must be in 1..{len(VARIANTS)}")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    started = time.time()
+    cache = cache or FeatureCache(model, config.cache_dir, config.batch_size)
+
+    bar = tqdm(total=len(train_samples) * config.variants + len(val_samples or []), desc="features", unit="img",
+               disable=not progress)
+    windows: list[Window] = []
+    for sample in train_samples:
+        for variant in range(config.variants):
+            windows += cache.get(sample, variant).windows
+            bar.update()
+    val_images = []
+    for sample in val_samples or []:
+        val_images.append(cache.get(sample, 0))
+        bar.update()
+    bar.close()
+
+    head = model.head
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+    steps_per_epoch = math.ceil(len(windows) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    warmup = max(1, total // 20)  # short linear warm-up, then cosine decay to 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=config.lambda_dice)
+    best = {"dice": -1.0, "epoch": 0}
+    history = []
+    epochs = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        head.train()
+        losses = []
+        for chunk in _batches(windows, config.batch_size, rng):
+            feats, masks = [], []
+            for w in chunk:
+                f, m = (_augment(w.features, w.mask, rng) if config.feature_augment else (w.features, w.mask))
+                feats.append(f)
+                masks.append(m)
+            feats = [torch.stack([f[k] for f in feats]).to(model.device).float() for k in range(len(feats[0]))]
+            target = torch.stack(masks)[:, None].to(model.device)
+            tokens, mask = model.text_tokens([w.report for w in chunk])
+            loss = loss_fn(model.head_logits(feats, tokens, mask), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        record = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if val_images:
+            record |= {k: v for k, v in validate(model, val_images).items() if k in ("dice", "iou")}
+            improved = record["dice"] > best["dice"]
+        else:
+            improved = True
+        if improved:
+            best = {"dice": record.get("dice", float("nan")), "iou": record.get("iou", float("nan")), "epoch": epoch}
+            best_state = copy.deepcopy(head.state_dict())
+        history.append(record)
+        epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record.get('dice', float('nan')):.3f}",
+                           best=f"{best['dice']:.3f}")
+        if should_stop is not None and should_stop():
+            break
+    head.load_state_dict(best_state)
+    head.eval()
+    summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples),
+               "val_images": len(val_images), "windows": len(windows), "wall_s": round(time.time() - started, 1),
+               "backbone_windows_extracted": cache.extractions, "config": config.__dict__, "history": history}
+    model.save(out_dir, extra=summary)
+    return summary

@@ -1,0 +1,211 @@
+"""Behaviour of the engine with tiny models: features, head, tiling, cache, I/O."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from support import SHARED, need_shared, tiny_unet_model
+from textdiff.backbone import DiffusionFeatures, decoder_units, default_blocks, load_unet, naive_features, BackboneLoadError
+from textdiff.data import normalize_mask, read_image, read_lvit, read_mask, write_label
+from textdiff.head import FusionHead
+from textdiff.text import ReportEncoder, clean_report
+
+
+# ----- backbone ---------------------------------------------------------------------------------------------------
+def test_decoder_numbering_matches_adm_layout():
+    """The ADM-256 layout's output_blocks -> diffusers mapping is reproduced by decoder_units."""
+    import json
+    from pathlib import Path
+
+    layout = Path(SHARED).parent / "reference" / "adm256_uncond_layout.json"
+    if not layout.is_file():
+        pytest.skip("reference layout not found in ../shared/reference")
+    from diffusers import UNet2DModel
+
+    data = json.loads(layout.read_text())
+    with torch.device("meta"):
+        unet = UNet2DModel(**data["diffusers_unet2d_config"])
+    names = [name for name, _ in decoder_units(unet)]
+    assert names == [data["output_block_to_diffusers_module"][str(i)] for i in range(len(names))]
+    assert default_blocks(unet) == (7, 10, 13, 17)
+
+
+def test_early_exit_and_batching_equal_full_naive_forward():
+    unet = tiny_unet_model()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    blocks = default_blocks(unet)
+    fast = DiffusionFeatures(unet, blocks, precision="fp32")(x)
+    reference = naive_features(unet, x, blocks)
+    assert [f.shape for f in fast] == [r.shape for r in reference]
+    for f, r in zip(fast, reference):
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-5)
+    # step-major channels: the first C channels are step 50
+    single = DiffusionFeatures(unet, blocks, steps=(50,), precision="fp32")(x)
+    torch.testing.assert_close(fast[0][:, : single[0].shape[1]], single[0], rtol=1e-4, atol=1e-5)
+
+
+def test_early_exit_skips_everything_after_deepest_block():
+    unet = tiny_unet_model()
+    calls = []
+    unet.conv_out.register_forward_hook(lambda *a: calls.append("conv_out"))
+    unet.up_blocks[1].register_forward_hook(lambda *a: calls.append("up1"))
+    DiffusionFeatures(unet, blocks=[0], precision="fp32")(torch.zeros(1, 3, 32, 32))
+    assert calls == []
+    DiffusionFeatures(unet, blocks=[0], precision="fp32", early_exit=False)(torch.zeros(1, 3, 32, 32))
+    assert calls == ["up1", "conv_out"]
+
+
+def test_bf16_features_close_to_fp32():
+    unet = tiny_unet_model()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    a = DiffusionFeatures(unet, precision="fp32")(x)
+    b = DiffusionFeatures(unet, precision="bf16")(x)
+    for f, g in zip(a, b):
+        assert (f - g).norm() / f.norm() < 0.05
+
+
+def test_bad_blocks_steps_and_sources_are_refused(tmp_path):
+    unet = tiny_unet_model()
+    with pytest.raises(ValueError, match="does not exist"):
+        DiffusionFeatures(unet, blocks=[99])
+    with pytest.raises(ValueError, match="steps"):
+        DiffusionFeatures(unet, steps=[1000])
+    with pytest.raises(BackboneLoadError, match="does not exist"):
+        load_unet(str(tmp_path / "nope"))
+    with pytest.raises(BackboneLoadError, match="hub"):
+        load_unet("someone/not-a-real-backbone")  # offline in tests: a clear message, no traceback soup
+
+
+# ----- report encoder -----------------------------------------------------------------------------------------------
+def test_report_cleaning():
+    assert clean_report("  a\x00b\tc\n") == "a b c"
+    assert clean_report("\x00\x01 ") is None
+    assert clean_report(None) is None
+    assert len(clean_report("x" * 100_000)) <= 4000
+    assert clean_report("双侧肺部感染") == "双侧肺部感染"
+
+
+def test_encoder_caches_and_truncates(tiny_encoder_dir):
+    encoder = ReportEncoder.load(str(tiny_encoder_dir), max_tokens=16)
+    tokens, mask = encoder.embed("Bilateral pulmonary infection, two infected areas, lower left lung and middle right lung.")
+    assert tokens.shape == (16, 32) and mask.all()
+    assert encoder.embed("Bilateral pulmonary infection, two infected areas, lower left lung and middle right lung.")[0] is tokens
+    long_tokens, _ = encoder.embed("word " * 50_000)
+    assert long_tokens.shape[0] == 16
+    assert encoder.embed("") is None
+
+
+def test_embedded_default_encoder_loads_offline():
+    encoder = ReportEncoder.load()
+    tokens, mask = encoder.embed("The nuclei density in the upper right is high.")
+    assert tokens.shape[1] == 384 and mask.sum() >= 10
+
+
+# ----- head -----------------------------------------------------------------------------------------------------------
+def _features():
+    torch.manual_seed(1)
+    return [torch.randn(2, 12, 8, 8), torch.randn(2, 6, 16, 16)]
+
+
+def test_text_changes_output_and_no_text_switch_removes_it():
+    torch.manual_seed(0)
+    head = FusionHead([12, 6], text_dim=32, dim=16).eval()
+    feats = _features()
+    text_a, text_b = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    out_a, out_b = head(feats, text_a), head(feats, text_b)
+    assert out_a.shape == (2, 2, 16, 16)
+    assert not torch.allclose(out_a, out_b)
+    head.use_text = False
+    torch.testing.assert_close(head(feats, text_a), head(feats, text_b))
+    torch.testing.assert_close(head(feats, text_a), head(feats, None))
+    # a sample with an all-masked report takes exactly the no-text path, without NaN
+    head.use_text = True
+    empty = torch.zeros(2, 5, dtype=torch.bool)
+    torch.testing.assert_close(head(feats, text_a, empty), head(feats, None))
+
+
+def test_padding_tokens_do_not_change_result():
+    torch.manual_seed(0)
+    head = FusionHead([12, 6], text_dim=32, dim=16).eval()
+    feats = _features()
+    text = torch.randn(2, 5, 32)
+    padded = torch.cat([text, torch.randn(2, 7, 32)], dim=1)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, :5] = True
+    torch.testing.assert_close(head(feats, text, torch.ones(2, 5, dtype=torch.bool)), head(feats, padded, mask),
+                               rtol=1e-5, atol=1e-6)
+
+
+# ----- model: tiling, save/load ---------------------------------------------------------------------------------------
+def test_tiling_returns_input_size_and_matches_single_window(tiny_model):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    probs = tiny_model.predict_proba(image, "nuclei are dense")
+    with torch.inference_mode():
+        x = tiny_model.prepare(image)[None]
+        tokens, mask = tiny_model.text_tokens(["nuclei are dense"])
+        direct = torch.softmax(tiny_model.head_logits(tiny_model.features(x), tokens, mask)[0], 0)
+    torch.testing.assert_close(probs, direct, rtol=1e-4, atol=1e-5)
+    odd = rng.integers(0, 255, (45, 70, 3), dtype=np.uint8)
+    assert tiny_model.predict_proba(odd, None).shape == (2, 45, 70)
+    tiny_model.config.scale = 0.5
+    assert tiny_model.predict_proba(odd, "x").shape == (2, 45, 70)
+
+
+def test_save_load_roundtrip(tiny_model, tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    before = tiny_model.predict_proba(image, "dense nuclei")
+    tiny_model.save(tmp_path / "m")
+    from textdiff.model import TextDiffModel
+
+    loaded = TextDiffModel.load(tmp_path / "m", "cpu")
+    torch.testing.assert_close(loaded.predict_proba(image, "dense nuclei"), before)
+    assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 1
+    tiny_model.head.classifier[-1].bias.data += 1
+    tiny_model.save(tmp_path / "m")  # republish: old weights go, config points at the new file
+    assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 1
+
+
+# ----- data -----------------------------------------------------------------------------------------------------------
+def test_mask_normalisation():
+    assert normalize_mask(np.array([[0, 255]], np.uint8)).tolist() == [[0, 1]]
+    assert normalize_mask(np.array([[0, 1]], np.uint8)).tolist() == [[0, 1]]
+    assert normalize_mask(np.array([[0.0, 1.0]], np.float32)).tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="not a label map"):
+        normalize_mask(np.array([[0, 7]], np.uint8))
+    with pytest.raises(ValueError, match="non-integer"):
+        normalize_mask(np.array([[0, 0.5]], np.float32))
+
+
+def test_slicer_label_with_trailing_dimension(tmp_path):
+    array = np.zeros((1, 20, 30), np.uint8)  # sitk (x=30, y=20, z=1): what Slicer saves for a 2D image
+    array[0, 5:10, 5:10] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "l.nii.gz"))
+    mask = read_mask(tmp_path / "l.nii.gz")
+    assert mask.shape == (20, 30) and mask.sum() == 25
+
+
+def test_read_lvit_monuseg_and_covid():
+    need_shared()
+    samples = read_lvit(SHARED / "monuseg" / "Val_Folder")
+    assert len(samples) == 6 and all(s.mask.is_file() and s.report for s in samples)
+    covid = read_lvit(SHARED / "covid-qu-ex" / "Train_Folder")
+    assert covid[0].image.name == "covid_1.png" and covid[0].mask.name == "mask_covid_1.png"
+    image = read_image(covid[0].image)
+    assert image.array.shape == (256, 256, 1) and not image.is_volume
+
+
+def test_volume_inference_keeps_geometry(tiny_model, tmp_path):
+    need_shared()
+    image = read_image(SHARED / "volumes" / "ct-3slice-liver" / "ct-3slice")
+    assert image.is_volume
+    label = tiny_model.predict(image, "liver")
+    assert label.shape == image.array.shape
+    out = write_label(label, image, tmp_path / "label.nrrd")
+    written, ref = sitk.ReadImage(str(out)), image.reference
+    assert written.GetSize() == ref.GetSize()
+    assert np.allclose(written.GetSpacing(), ref.GetSpacing())
+    assert np.allclose(written.GetOrigin(), ref.GetOrigin())
+    assert np.allclose(written.GetDirection(), ref.GetDirection())
