@@ -163,9 +163,12 @@ def test_save_load_roundtrip(tiny_model, tmp_path):
     loaded = TextDiffModel.load(tmp_path / "m", "cpu")
     torch.testing.assert_close(loaded.predict_proba(image, "dense nuclei"), before)
     assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 1
-    tiny_model.head.classifier[-1].bias.data += 1
-    tiny_model.save(tmp_path / "m")  # republish: old weights go, config points at the new file
-    assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 1
+    for _ in range(3):  # republish: config points at the new file, only the previous weights are kept
+        tiny_model.head.classifier[-1].bias.data += 1
+        tiny_model.save(tmp_path / "m")
+    assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 2
+    current = TextDiffModel.load(tmp_path / "m", "cpu")
+    torch.testing.assert_close(current.head.classifier[-1].bias, tiny_model.head.classifier[-1].bias)
 
 
 # ----- data -----------------------------------------------------------------------------------------------------------

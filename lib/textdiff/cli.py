@@ -54,8 +54,8 @@ def cmd_train(args) -> int:
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                 variants=args.variants, cache_dir=args.cache_dir))
     best = summary["best"]
-    print(f"saved {args.out}: best epoch {best['epoch']}, val Dice {best['dice']:.4f}, "
-          f"{summary['wall_s']:.0f} s", file=sys.stderr)
+    val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
+    print(f"saved {args.out}: best epoch {best['epoch']}, {val}, {summary['wall_s']:.0f} s", file=sys.stderr)
     return 0
 
 
@@ -103,6 +103,15 @@ def cmd_pretrain(args) -> int:
                             checkpoint_every=args.checkpoint_every, minutes=args.minutes, precision=args.precision)
     out = pretrain(config, resume=args.resume)
     print(f"backbone written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_import_lvit(args) -> int:
+    from .studies import import_lvit
+
+    labels = False if args.no_labels else (args.labeled if args.labeled is not None else True)
+    result = import_lvit(args.folder, args.studies, labels)
+    print(f"imported {result['images']} images ({result['labeled']} labeled) into {result['studies']}", file=sys.stderr)
     return 0
 
 
@@ -160,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("import-lvit", help="turn an LViT-format folder into a MONAI Label studies folder")
+    p.add_argument("folder", help="LViT split folder (img/, labelcol/, *_text.xlsx)")
+    p.add_argument("studies", help="studies folder to create or extend")
+    p.add_argument("--no-labels", action="store_true", help="import images and reports only")
+    p.add_argument("--labeled", type=int, help="import only the first N masks as final labels")
+    p.set_defaults(func=cmd_import_lvit)
     return parser
 
 

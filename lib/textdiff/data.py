@@ -197,7 +197,7 @@ def read_lvit(folder: str | Path, require_masks: bool = True) -> list[Sample]:
 
 def label_to_sitk(label: np.ndarray, reference: Image) -> sitk.Image:
     """A label array with the reference image's geometry (2D: (H, W); volume: (D, H, W))."""
-    out = sitk.GetImageFromArray(label.astype(np.uint8))
+    out = sitk.GetImageFromArray(label.astype(np.uint8) if label.dtype == bool else label)
     ref = reference.reference
     if ref.GetDimension() == out.GetDimension():
         out.CopyInformation(ref)

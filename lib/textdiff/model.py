@@ -26,6 +26,12 @@ from .head import FusionHead
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
 
 CONFIG_NAME = "config.json"
+DEFAULT_HEAD = "default"  # the shipped model folder (default backbone + a head trained on MoNuSeg)
+SHIPPED_MODEL = Path(__file__).parent / "weights" / "model"
+
+
+def resolve_model_dir(model_dir: str | os.PathLike) -> Path:
+    return SHIPPED_MODEL if str(model_dir) == DEFAULT_HEAD else Path(model_dir)
 
 
 @dataclass
@@ -117,7 +123,7 @@ class TextDiffModel(torch.nn.Module):
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device=None, unet=None, encoder=None) -> "TextDiffModel":
-        model_dir = Path(model_dir)
+        model_dir = resolve_model_dir(model_dir)
         config_path = model_dir / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{model_dir} is not a TextDiff model folder (no {CONFIG_NAME})")
@@ -139,9 +145,10 @@ class TextDiffModel(torch.nn.Module):
         _atomic_write(model_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
         if extra:
             _atomic_write(model_dir / "training.json", lambda p: Path(p).write_text(json.dumps(extra, indent=2)))
-        for old in model_dir.glob("head-*.safetensors"):
-            if old.name != weights:
-                old.unlink(missing_ok=True)
+        # keep the previous weights one generation: a reader that read the old config.json can still load them
+        heads = sorted(model_dir.glob("head-*.safetensors"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in [h for h in heads if h.name != weights][1:]:
+            old.unlink(missing_ok=True)
         return model_dir
 
     # ----- inference ----------------------------------------------------------------------------------------
@@ -189,15 +196,18 @@ class TextDiffModel(torch.nn.Module):
         size = plane.shape[:2]
         return preprocess.resize_to(probs, size).cpu()
 
-    def predict(self, image: Image, report: str | None = None, progress=None) -> np.ndarray:
-        """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
+    def predict_image_proba(self, image: Image, report: str | None = None, progress=None) -> torch.Tensor:
+        """Probabilities (classes, H, W) for 2D, (classes, D, H, W) for volumes (slice by slice, one intensity range)."""
         value_range = preprocess.intensity_range(image.array)
         if not image.is_volume:
-            return self.predict_proba(image.array, report, value_range).argmax(0).numpy().astype(np.uint8)
+            return self.predict_proba(image.array, report, value_range)
         slices = range(image.array.shape[0])
-        labels = [self.predict_proba(image.array[z], report, value_range).argmax(0).numpy().astype(np.uint8)
-                  for z in (progress(slices) if progress else slices)]
-        return np.stack(labels)
+        return torch.stack([self.predict_proba(image.array[z], report, value_range)
+                            for z in (progress(slices) if progress else slices)], dim=1)
+
+    def predict(self, image: Image, report: str | None = None, progress=None) -> np.ndarray:
+        """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
+        return self.predict_image_proba(image, report, progress).argmax(0).numpy().astype(np.uint8)
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -79,13 +79,17 @@ def _dihedral(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Frozen window features keyed by image content + everything that shapes them; in memory, optionally on disk."""
+    """Frozen window features keyed by image content + everything that shapes them; in memory, optionally on disk.
+
+    Only features are cached: masks and reports are read afresh on every ``get``, so an edited label or report is
+    used at once while the expensive part is reused.
+    """
 
     def __init__(self, model: TextDiffModel, cache_dir: str | Path | None = None, batch_size: int = 4):
         self.model = model
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
-        self.memory: dict[str, CachedImage] = {}
+        self.memory: dict[str, tuple[list[list[torch.Tensor]], list[tuple[int, int]], tuple[int, int]]] = {}
         self.extractions = 0  # backbone forwards run (windows), for tests and reports
         c = model.config
         self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
@@ -98,18 +102,6 @@ class FeatureCache:
         return digest.hexdigest()[:24]
 
     def get(self, sample: Sample, variant: int = 0) -> CachedImage:
-        key = self.key(sample, variant)
-        if key in self.memory:
-            return self.memory[key]
-        cached = self._load_disk(key, sample) if self.cache_dir else None
-        if cached is None:
-            cached = self._extract(sample, variant)
-            if self.cache_dir:
-                self._save_disk(key, cached)
-        self.memory[key] = cached
-        return cached
-
-    def _extract(self, sample: Sample, variant: int) -> CachedImage:
         model, window = self.model, self.model.config.window
         image = read_image(sample.image)
         if image.is_volume:
@@ -117,47 +109,55 @@ class FeatureCache:
         truth = read_mask(sample.mask, model.config.num_classes)
         if truth.shape != image.size_hw:
             raise ValueError(f"{sample.mask.name}: mask size {truth.shape} differs from image size {image.size_hw}")
+        key = self.key(sample, variant)
+        if key not in self.memory:
+            self.memory[key] = (self._load_disk(key) if self.cache_dir else None) or self._extract(image, variant)
+            if self.cache_dir and not (self.cache_dir / f"{key}.safetensors").is_file():
+                self._save_disk(key, *self.memory[key])
+        features, starts, scaled = self.memory[key]
+        turns, flip = VARIANTS[variant]
+        y = _pad_to(_dihedral(preprocess.prepare_mask(truth, model.config.scale), turns, flip)[0], window)
+        windows = [Window(f, y[i:i + window, j:j + window].clone(), sample.report) for f, (i, j) in zip(features, starts)]
+        return CachedImage(sample.name, windows, starts, scaled, truth)
+
+    def _extract(self, image, variant: int):
+        model, window = self.model, self.model.config.window
         turns, flip = VARIANTS[variant]
         x = _dihedral(model.prepare(image.array), turns, flip)
-        y = _dihedral(preprocess.prepare_mask(truth, model.config.scale), turns, flip)[0]
         scaled = tuple(x.shape[-2:])
-        x, y = _pad_to(x, window), _pad_to(y, window)
+        x = _pad_to(x, window)
         starts = [(i, j) for i in grid_starts(x.shape[-2], window) for j in grid_starts(x.shape[-1], window)]
         crops = [x[:, i:i + window, j:j + window] for i, j in starts]
-        windows = []
+        features = []
         for b in range(0, len(crops), self.batch_size):
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
             feats = model.features(batch)
             self.extractions += batch.shape[0]
-            for k in range(batch.shape[0]):
-                i, j = starts[b + k]
-                windows.append(Window([f[k].half().cpu() for f in feats], y[i:i + window, j:j + window].clone(),
-                                      sample.report))
-        return CachedImage(sample.name, windows, starts, scaled, truth)
+            features += [[f[k].half().cpu() for f in feats] for k in range(batch.shape[0])]
+        return features, starts, scaled
 
-    def _save_disk(self, key: str, cached: CachedImage) -> None:
+    def _save_disk(self, key: str, features, starts, scaled) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"w{i}.f{b}": f for i, w in enumerate(cached.windows) for b, f in enumerate(w.features)}
-        tensors |= {f"w{i}.mask": w.mask.to(torch.uint8) for i, w in enumerate(cached.windows)}
-        tensors["truth"] = torch.from_numpy(cached.truth)
-        meta = {"starts": json.dumps(cached.starts), "scaled": json.dumps(cached.scaled_size),
-                "blocks": str(len(cached.windows[0].features))}
+        tensors = {f"w{i}.f{b}": f for i, window in enumerate(features) for b, f in enumerate(window)}
+        meta = {"starts": json.dumps(starts), "scaled": json.dumps(scaled), "blocks": str(len(features[0]))}
         _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
 
-    def _load_disk(self, key: str, sample: Sample) -> CachedImage | None:
+    def _load_disk(self, key: str):
         path = self.cache_dir / f"{key}.safetensors"
         if not path.is_file():
             return None
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as handle:
-            meta = handle.metadata()
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata()
+            tensors = load_file(str(path))
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            return None
         starts = [tuple(s) for s in json.loads(meta["starts"])]
         blocks = int(meta["blocks"])
-        windows = [Window([tensors[f"w{i}.f{b}"] for b in range(blocks)], tensors[f"w{i}.mask"].long(), sample.report)
-                   for i in range(len(starts))]
-        return CachedImage(sample.name, windows, starts, tuple(json.loads(meta["scaled"])), tensors["truth"].numpy())
+        features = [[tensors[f"w{i}.f{b}"] for b in range(blocks)] for i in range(len(starts))]
+        return features, starts, tuple(json.loads(meta["scaled"]))
 
 
 def _augment(feats: list[torch.Tensor], mask: torch.Tensor, rng: random.Random):
@@ -233,7 +233,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=config.lambda_dice)
-    best = {"dice": -1.0, "epoch": 0}
+    best = {"dice": -1.0, "iou": None, "epoch": 0}
     history = []
     epochs = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in epochs:
@@ -261,11 +261,13 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         else:
             improved = True
         if improved:
-            best = {"dice": record.get("dice", float("nan")), "iou": record.get("iou", float("nan")), "epoch": epoch}
+            best = {"dice": record.get("dice"), "iou": record.get("iou"), "epoch": epoch}  # None without validation
             best_state = copy.deepcopy(head.state_dict())
         history.append(record)
-        epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record.get('dice', float('nan')):.3f}",
-                           best=f"{best['dice']:.3f}")
+        if val_images:
+            epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record['dice']:.3f}", best=f"{best['dice']:.3f}")
+        else:
+            epochs.set_postfix(loss=f"{record['loss']:.3f}")
         if should_stop is not None and should_stop():
             break
     head.load_state_dict(best_state)

@@ -1,0 +1,33 @@
+"""One TaskConfig for the one model: infer, trainer, scoring and strategies share a ModelStore."""
+from __future__ import annotations
+
+from monailabel.interfaces.config import TaskConfig
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from ..activelearning.uncertainty import EntropyScoring, MostUncertain
+from ..infers.textdiff import TextDiffInfer
+from ..model_store import ModelStore
+from ..settings import AppSettings
+from ..trainers.textdiff import TextDiffTrain
+
+
+class TextDiffConfig(TaskConfig):
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner=None, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.settings: AppSettings = kwargs["settings"]
+        self.datastore_getter = kwargs["datastore"]
+        self.store = ModelStore(self.settings)  # cheap: nothing heavy loads until the first request
+
+    def infer(self):
+        return {self.name: TextDiffInfer(self.store, self.settings, self.datastore_getter,
+                                         "TextDiff: segmentation guided by the image's report")}
+
+    def trainer(self):
+        return TextDiffTrain(self.store, self.settings)
+
+    def strategy(self):
+        return {f"{self.name}_uncertainty": MostUncertain(), "random": Random(), "first": First()}
+
+    def scoring_method(self):
+        return {f"{self.name}_uncertainty": EntropyScoring(self.store, self.settings)}

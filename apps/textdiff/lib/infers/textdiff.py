@@ -1,0 +1,73 @@
+"""Infer task: image + report -> label map, through MONAI Label's BasicInferTask hook pipeline."""
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+
+from textdiff.data import write_label
+
+from ..model_store import ModelStore
+from ..settings import AppSettings
+from ..transforms import bad_request, load_image, resolve_report, stored_report
+
+EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".png", ".tif", ".mha")
+
+
+class TextDiffInfer(BasicInferTask):
+    def __init__(self, store: ModelStore, settings: AppSettings, datastore_getter, description: str):
+        super().__init__(path=None, network=None, type=InferType.SEGMENTATION, labels=store.label_names(),
+                         dimension=2, description=description, load_strict=False,
+                         # free text shown in 3D Slicer's Options table; empty = use the report stored for the image
+                         config={"report": ""})
+        self.store = store
+        self.settings = settings
+        self.datastore = datastore_getter
+
+    def is_valid(self) -> bool:
+        return self.store.is_available()
+
+    def pre_transforms(self, data=None):
+        return [self._load]
+
+    def _load(self, data: dict[str, Any]) -> dict[str, Any]:
+        data["image"] = load_image(data["image_path"], self.settings.max_image_pixels)
+        report, source = resolve_report(data.get("report"), stored_report(self.datastore(), data.get("image_id")),
+                                        self.settings.max_report_chars)
+        data["report"], data["report_source"] = report, source
+        return data
+
+    def inferer(self, data=None):
+        return None  # run_inferer below drives the engine (sliding windows live there)
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
+        model = self.store.current()
+        started = time.time()
+        data["pred"] = model.predict(data["image"], data["report"])
+        data["result"] = {
+            "report": data["report"], "report_source": data["report_source"],
+            "text_used": data["report"] is not None and model.config.use_text,
+            "note": None if data["report"] else "no report given or stored: ran without text",
+            "model": self.store.version(), "infer_s": round(time.time() - started, 3),
+        }
+        return data
+
+    def post_transforms(self, data=None):
+        return []
+
+    def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        image = data["image"]
+        suffix = data.get("result_extension") or (".nrrd" if image.is_volume else ".png")
+        if suffix not in EXTENSIONS:
+            raise bad_request(f"result_extension {suffix!r} is not one of {', '.join(EXTENSIONS)}")
+        if image.is_volume and suffix in (".png", ".tif"):
+            suffix = ".nrrd"
+        dtype = str(data.get("result_dtype") or "uint8")
+        if dtype not in ("uint8", "uint16", "int16", "int32", "float32"):
+            raise bad_request(f"result_dtype {dtype!r} is not supported")
+        path = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
+        write_label(data["pred"].astype(dtype), image, path)
+        return path, data["result"]

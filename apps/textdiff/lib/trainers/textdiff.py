@@ -1,0 +1,65 @@
+"""Few-shot trainer: the fusion head on every labeled image of the datastore, published atomically."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+from monailabel.interfaces.tasks.train import TrainTask
+
+from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
+from textdiff.train import TrainConfig, train
+
+from ..model_store import ModelStore
+from ..settings import AppSettings
+from ..transforms import bad_request, labeled_samples
+
+logger = logging.getLogger(__name__)
+
+
+class TextDiffTrain(TrainTask):
+    def __init__(self, store: ModelStore, settings: AppSettings):
+        super().__init__("Train the TextDiff fusion head on the labeled images and their reports")
+        self.store = store
+        self.settings = settings
+
+    def config(self):
+        return {"max_epochs": self.settings.epochs, "learning_rate": 1e-3, "seed": 0}
+
+    def new_model_config(self) -> ModelConfig:
+        """The initial model's recipe (backbone, blocks, steps, window, scale), with --conf overrides, fresh head."""
+        base = json.loads((resolve_model_dir(self.settings.initial_model) / "config.json").read_text())
+        config = ModelConfig.from_dict(base)
+        labels = {"background": 0} | self.store.label_names()
+        changes = dict(labels=labels, feature_channels=None, backbone_fingerprint=None, weights=None,
+                       text_encoder=self.settings.text_encoder if self.settings.text_encoder != "default" else config.text_encoder)
+        if self.settings.backbone != "default" or config.backbone == "default":
+            changes |= dict(backbone=self.settings.backbone, blocks=None if self.settings.backbone != config.backbone else config.blocks)
+        if self.settings.scale is not None:
+            changes["scale"] = self.settings.scale
+        return dataclasses.replace(config, **changes)
+
+    def __call__(self, request, datastore):
+        samples = labeled_samples(datastore)
+        if not samples:
+            raise bad_request("no labeled images yet: save at least one label before training")
+        if len(samples) >= 3:  # below 3 labels every one is needed for training
+            n_val = max(1, round(len(samples) * self.settings.val_fraction))
+            train_samples, val_samples = samples[:-n_val], samples[-n_val:]
+        else:
+            train_samples, val_samples = samples, []
+        epochs = int(request.get("max_epochs", self.settings.epochs))
+        config = TrainConfig(epochs=epochs, lr=float(request.get("learning_rate", 1e-3)), seed=int(request.get("seed", 0)),
+                             cache_dir=str(self.settings.model_dir.parent / "feature-cache"))
+        model = TextDiffModel.build(self.new_model_config(), self.settings.device)
+        logger.info(f"training on {len(train_samples)} labeled images, validating on {len(val_samples)}")
+        summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False)
+        summary.pop("history", None)
+        return summary | {"published": str(self.settings.model_dir)}
+
+    def stats(self):
+        path = self.settings.model_dir / "training.json"
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
+        return {k: data[k] for k in ("best", "epochs_run", "train_images", "val_images", "wall_s") if k in data}

@@ -1,0 +1,56 @@
+"""MONAI Label app for TextDiff: report-guided few-shot segmentation on frozen diffusion features."""
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")  # MLflow's file:// tracking fails on monai 1.6
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded defaults need no hub; a hub id fails fast and clearly
+
+from lib.configs.textdiff import TextDiffConfig
+from lib.datastore import ValidatingDatastore
+from lib.settings import AppSettings
+from monailabel.config import settings as server_settings
+from monailabel.interfaces.app import MONAILabelApp
+
+logger = logging.getLogger(__name__)
+MODEL = "textdiff"
+
+
+class TextDiffApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        # train/scoring subprocesses rebuild this app: they need it importable (MONAI Label reads PYTHONPATH)
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if app_dir not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join(paths + [app_dir])
+        # everything the init_* hooks use must exist before MONAILabelApp.__init__ calls them
+        self.settings = AppSettings.from_conf(conf, app_dir)
+        self.task = TextDiffConfig()
+        self.task.init(MODEL, str(self.settings.model_dir), conf, None, settings=self.settings,
+                       datastore=lambda: self._datastore)
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TextDiff",
+                         description="Report-guided, label-efficient segmentation (TextDiff, MICCAI 2024)",
+                         labels=self.task.store.label_names())
+
+    def init_datastore(self):
+        return ValidatingDatastore(self.studies, self.task.store, self.settings,
+                                   extensions=server_settings.MONAI_LABEL_DATASTORE_FILE_EXT + ["*.tiff", "*.jpeg"],
+                                   auto_reload=server_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                   read_only=server_settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def init_infers(self):
+        return self.task.infer()
+
+    def init_trainers(self):
+        return {MODEL: self.task.trainer()}
+
+    def init_strategies(self):
+        return self.task.strategy()
+
+    def init_scoring_methods(self):
+        return self.task.scoring_method()
+
+    def infer(self, request, datastore=None):
+        request = dict(request)
+        request["image_id"] = request.get("image")  # the base class swaps the id for a path; the report needs the id
+        return super().infer(request, datastore)

@@ -1,0 +1,144 @@
+"""The MONAI Label app through FastAPI's TestClient, with tiny models: Slicer's sequence, label checks, 3D."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from support import SHARED
+
+pytest.importorskip("monailabel")
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
+
+
+@pytest.fixture()
+def client(tmp_path, tiny_model, lvit_folder, monkeypatch):
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    from textdiff.studies import import_lvit
+
+    tiny_model.save(tmp_path / "initial")
+    studies = tmp_path / "studies"
+    import_lvit(lvit_folder, studies, labels=1)  # case_0 labeled; case_1, case_2 not
+    conf = {"model": str(tmp_path / "initial"), "model_dir": str(tmp_path / "published"), "epochs": "2"}
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", conf)
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app) as test_client:
+        test_client.studies = studies
+        test_client.tmp = tmp_path
+        yield test_client
+    clear_cache()
+
+
+def infer_json(client, image, **params):
+    response = client.post(f"/infer/textdiff?image={image}&output=json", data={"params": json.dumps(params)})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def infer_label(client, image, **params) -> sitk.Image:
+    response = client.post(f"/infer/textdiff?image={image}&output=image", data={"params": json.dumps(params)})
+    assert response.status_code == 200, response.text
+    suffix = params.get("result_extension", ".png")
+    path = client.tmp / f"result{suffix}"
+    path.write_bytes(response.content)
+    return sitk.ReadImage(str(path))
+
+
+def put_label(client, image, array: np.ndarray, name="label.nii.gz"):
+    path = client.tmp / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with open(path, "rb") as handle:
+        return client.put(f"/datastore/label?image={image}", files={"label": (name, handle)})
+
+
+def test_info_lists_model_trainer_scoring_and_strategies(client):
+    info = client.get("/info/").json()
+    model = info["models"]["textdiff"]
+    assert model["type"] == "segmentation" and "report" in model["config"]
+    assert "textdiff" in info["trainers"]
+    assert {"textdiff_uncertainty", "random", "first"} <= set(info["strategies"])
+    assert "textdiff_uncertainty" in info["scoring"]
+
+
+def test_infer_uses_request_then_stored_report_then_none(client):
+    assert infer_json(client, "case_1", report="dense nuclei")["report_source"] == "request"
+    stored = infer_json(client, "case_1")
+    assert stored["report_source"] == "datastore" and stored["report"]
+    client.put("/datastore/image/info?image=case_2", data={"info": json.dumps({"report": ""})})
+    none = infer_json(client, "case_2")
+    assert none["report_source"] == "none" and none["text_used"] is False and "without text" in none["note"]
+
+
+def test_infer_returns_label_of_image_size_in_slicer_format(client):
+    label = infer_label(client, "case_1", report="dense nuclei", result_extension=".nrrd", result_dtype="uint8")
+    assert label.GetSize()[:2] == (96, 96)
+    assert set(np.unique(sitk.GetArrayFromImage(label))) <= {0, 1}
+    png = infer_label(client, "case_1")
+    assert png.GetSize() == (96, 96)
+
+
+def test_labels_checked_at_save_time(client):
+    label_file = client.studies / "labels" / "final" / "case_0.png"
+    before = label_file.read_bytes()
+    wrong_size = put_label(client, "case_0", np.zeros((1, 50, 60), np.uint8))
+    assert wrong_size.status_code == 400 and "size" in wrong_size.json()["detail"]
+    bad_values = np.zeros((1, 96, 96), np.uint8)
+    bad_values[0, 0, 0] = 7
+    assert put_label(client, "case_0", bad_values).status_code == 400
+    assert put_label(client, "case_0", np.full((1, 96, 96), 0.5, np.float32)).status_code == 400
+    assert label_file.read_bytes() == before
+
+
+def test_slicer_label_then_train_then_infer_with_new_model(client):
+    slicer = np.zeros((1, 96, 96), np.uint8)  # Slicer's .nii.gz: a trailing size-1 dimension
+    slicer[0, 20:60, 30:70] = 1
+    assert put_label(client, "case_1", slicer).status_code == 200
+    before = infer_json(client, "case_2", report="x")["model"]
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 2})
+    assert response.status_code == 200, response.text
+    assert (client.tmp / "published" / "config.json").is_file()
+    after = infer_json(client, "case_2")
+    assert after["model"] != before and str(client.tmp / "published") in after["model"]
+    assert client.get("/info/").json()["train_stats"]["textdiff"]["train_images"] == 2
+
+
+def test_scoring_is_incremental_and_strategy_picks_most_uncertain(client):
+    first = client.post("/scoring/textdiff_uncertainty?run_sync=true").json()
+    assert client.post("/scoring/textdiff_uncertainty?run_sync=true").status_code == 200
+    from monailabel.interfaces.utils.app import app_instance
+
+    datastore = app_instance().datastore()
+    scores = {i: datastore.get_image_info(i)["textdiff_uncertainty"] for i in ("case_1", "case_2")}
+    sample = client.post("/activelearning/textdiff_uncertainty", json={}).json()
+    assert sample["id"] == max(scores, key=scores.get)
+    assert client.post("/activelearning/first", json={}).json()["id"] == "case_1"
+    assert first is not None
+
+
+def test_volume_infer_keeps_geometry(client):
+    if not (SHARED / "volumes").is_dir():
+        pytest.skip("../shared/data/volumes not found")
+    source = SHARED / "volumes" / "brain-mr" / "brain1_image.nrrd"
+    shutil.copy(source, client.studies / "brain1.nrrd")
+    from monailabel.interfaces.utils.app import app_instance
+
+    app_instance().datastore().refresh()
+    label = infer_label(client, "brain1", result_extension=".nii.gz")
+    reference = sitk.ReadImage(str(source))
+    assert label.GetSize() == reference.GetSize()
+    assert np.allclose(label.GetSpacing(), reference.GetSpacing())
+    assert np.allclose(label.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+    assert np.allclose(label.GetDirection(), reference.GetDirection(), atol=1e-6)
