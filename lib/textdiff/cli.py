@@ -115,6 +115,15 @@ def cmd_import_lvit(args) -> int:
     return 0
 
 
+def cmd_convert_adm(args) -> int:
+    from .convert import convert_checkpoint
+
+    out = convert_checkpoint(args.checkpoint, args.out_dir, args.flags)
+    print(f"wrote diffusers UNet2DModel to {out}; use it with --backbone {out} (see README for block indices)",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textdiff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -176,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-labels", action="store_true", help="import images and reports only")
     p.add_argument("--labeled", type=int, help="import only the first N masks as final labels")
     p.set_defaults(func=cmd_import_lvit)
+
+    p = sub.add_parser("convert-adm", help="convert an OpenAI guided-diffusion UNet checkpoint to diffusers",
+                       description="Pass the MODEL_FLAGS exactly as guided-diffusion's README prints them, e.g. "
+                                   "--attention_resolutions 32,16,8 --class_cond False --image_size 256 ...")
+    p.add_argument("checkpoint", help="guided-diffusion .pt file (loaded with weights_only=True)")
+    p.add_argument("out_dir", help="diffusers save_pretrained folder to write")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="guided-diffusion flags")
+    p.set_defaults(func=cmd_convert_adm)
     return parser
 
 
