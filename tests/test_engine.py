@@ -111,7 +111,7 @@ def _features():
 
 def test_text_changes_output_and_no_text_switch_removes_it():
     torch.manual_seed(0)
-    head = FusionHead([12, 6], text_dim=32, dim=16).eval()
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[2, 1]).eval()
     feats = _features()
     text_a, text_b = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     out_a, out_b = head(feats, text_a), head(feats, text_b)
@@ -128,7 +128,7 @@ def test_text_changes_output_and_no_text_switch_removes_it():
 
 def test_padding_tokens_do_not_change_result():
     torch.manual_seed(0)
-    head = FusionHead([12, 6], text_dim=32, dim=16).eval()
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[2, 1]).eval()
     feats = _features()
     text = torch.randn(2, 5, 32)
     padded = torch.cat([text, torch.randn(2, 7, 32)], dim=1)
@@ -164,11 +164,11 @@ def test_save_load_roundtrip(tiny_model, tmp_path):
     torch.testing.assert_close(loaded.predict_proba(image, "dense nuclei"), before)
     assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 1
     for _ in range(3):  # republish: config points at the new file, only the previous weights are kept
-        tiny_model.head.classifier[-1].bias.data += 1
+        tiny_model.head.classifier.bias.data += 1
         tiny_model.save(tmp_path / "m")
     assert len(list((tmp_path / "m").glob("head-*.safetensors"))) == 2
     current = TextDiffModel.load(tmp_path / "m", "cpu")
-    torch.testing.assert_close(current.head.classifier[-1].bias, tiny_model.head.classifier[-1].bias)
+    torch.testing.assert_close(current.head.classifier.bias, tiny_model.head.classifier.bias)
 
 
 # ----- data -----------------------------------------------------------------------------------------------------------

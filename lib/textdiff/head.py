@@ -11,25 +11,37 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class ReportCrossAttention(nn.Module):
-    """Image tokens attend to report tokens (pre-norm), then a feed-forward; both residual."""
+    """Image tokens attend to report tokens (pre-norm), then a feed-forward; both residual.
+
+    Written with two matmuls rather than SDPA: with ~10-60 report tokens against up to 65k image tokens the
+    fused CPU kernels are several times slower than a plain (N x L) softmax.
+    """
 
     def __init__(self, dim: int, text_dim: int, heads: int):
         super().__init__()
+        self.heads = heads
         self.norm_q = nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, kdim=text_dim, vdim=text_dim, batch_first=True)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(text_dim, 2 * dim)
+        self.to_out = nn.Linear(dim, dim)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        heads, d = self.heads, c // self.heads
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        q = self.to_q(self.norm_q(tokens)).reshape(b, -1, heads, d).transpose(1, 2)  # (B, h, N, d)
+        k, v = self.to_kv(text).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
         has_text = mask.any(dim=1)
-        # A sample without a report gets one dummy key (avoids NaN from an all-masked softmax) and its update is
+        # A sample without a report gets one dummy key (no NaN from an all-masked softmax) and its update is
         # zeroed, so it takes exactly the no-text path (the block is skipped).
-        key_padding = ~mask
-        key_padding[~has_text, 0] = False
-        attended, _ = self.attn(self.norm_q(tokens), text, text, key_padding_mask=key_padding, need_weights=False)
-        fused = tokens + attended
+        keep = mask.clone()
+        keep[~has_text, 0] = True
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+        scores = (q @ k.transpose(-1, -2)) * d ** -0.5 + bias[:, None, None, :]
+        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, -1, c)
+        fused = tokens + self.to_out(attended)
         fused = fused + self.ff(self.norm_ff(fused))
         gate = has_text[:, None, None].to(fused.dtype)
         tokens = gate * fused + (1 - gate) * tokens
@@ -37,32 +49,57 @@ class ReportCrossAttention(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """features (one map per hooked block) [+ report tokens] -> logits (B, classes, H/stride0, W/stride0).
+    """features (one map per hooked block) [+ report tokens] -> logits at the finest feature resolution.
 
-    The logits come out at the finest feature resolution; callers upsample them to the window size.
+    Every scale is projected (1x1) and attends to the report. Coarse scales (stride > 1) are fused at the finest
+    coarse resolution by a 1x1 + 3x3 conv block; a full-resolution scale (stride 1), when hooked, is kept narrow
+    (dim / 2) and joined last by a light 1x1 + 3x3 block, so the head stays cheap on CPU at 256x256 windows.
+    Callers upsample the logits to the window size.
     """
 
     def __init__(self, in_channels: list[int], text_dim: int, num_classes: int = 2, dim: int = 64, heads: int = 4,
-                 use_text: bool = True):
+                 use_text: bool = True, strides: list[int] | None = None):
         super().__init__()
         self.use_text = use_text
+        strides = list(strides) if strides is not None else [2] * len(in_channels)
+        self.fine = [s == 1 for s in strides]
+        if all(self.fine):  # nothing coarse: treat every scale as coarse
+            self.fine = [False] * len(strides)
+        dims = [dim // 2 if f else dim for f in self.fine]
         self.project = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, dim, 1), _norm(dim), nn.GELU()) for c in in_channels)
-        self.fuse_text = nn.ModuleList(ReportCrossAttention(dim, text_dim, heads) for _ in in_channels)
-        self.classifier = nn.Sequential(
-            nn.Conv2d(dim * len(in_channels), dim, 1), _norm(dim), nn.GELU(),
-            nn.Conv2d(dim, dim, 3, padding=1), _norm(dim), nn.GELU(),
-            nn.Conv2d(dim, num_classes, 1))
+            nn.Sequential(nn.Conv2d(c, d, 1), _norm(d), nn.GELU()) for c, d in zip(in_channels, dims))
+        self.fuse_text = nn.ModuleList(ReportCrossAttention(d, text_dim, max(1, min(heads, d // 16))) for d in dims)
+        n_coarse, fine_dim = self.fine.count(False), sum(d for d, f in zip(dims, self.fine) if f)
+        self.coarse = nn.Sequential(
+            nn.Conv2d(dim * n_coarse, dim, 1), _norm(dim), nn.GELU(),
+            nn.Conv2d(dim, dim, 3, padding=1), _norm(dim), nn.GELU())
+        out_dim = dim
+        if fine_dim:
+            out_dim = dim // 2
+            self.refine = nn.Sequential(
+                nn.Conv2d(dim + fine_dim, out_dim, 1), _norm(out_dim), nn.GELU(),
+                nn.Conv2d(out_dim, out_dim, 3, padding=1), _norm(out_dim), nn.GELU())
+        else:
+            self.refine = None
+        self.classifier = nn.Conv2d(out_dim, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor], text: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
-        maps = []
-        for feature, project, fuse in zip(features, self.project, self.fuse_text):
+        coarse, fine = [], []
+        for feature, project, fuse, is_fine in zip(features, self.project, self.fuse_text, self.fine):
             x = project(feature.to(project[0].weight.dtype))
             if self.use_text and text is not None:
                 if mask is None:
                     mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
                 x = fuse(x, text.to(x.dtype), mask)
-            maps.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False) if x.shape[-2:] != size else x)
-        return self.classifier(torch.cat(maps, dim=1))
+            (fine if is_fine else coarse).append(x)
+        size = max((c.shape[-2:] for c in coarse), key=lambda s: s[0] * s[1])
+        x = self.coarse(torch.cat([_resize(c, size) for c in coarse], dim=1))
+        if self.refine is not None:
+            size = fine[0].shape[-2:]
+            x = self.refine(torch.cat([_resize(x, size)] + [_resize(f, size) for f in fine], dim=1))
+        return self.classifier(x)
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)

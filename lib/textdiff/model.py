@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import preprocess
-from .backbone import DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, load_unet
+from .backbone import (DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, _autocast, load_unet,
+                       resolve_precision)
 from .data import Image
 from .head import FusionHead
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
@@ -118,7 +119,7 @@ class TextDiffModel(torch.nn.Module):
                           f"(fingerprint {fingerprint} != {config.backbone_fingerprint}); results may be off")
         config.backbone_fingerprint = fingerprint
         head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
-                          config.head_heads, config.use_text).to(device)
+                          config.head_heads, config.use_text, list(spec.strides)).to(device)
         return cls(config, features, encoder, head)
 
     @classmethod
@@ -164,8 +165,9 @@ class TextDiffModel(torch.nn.Module):
         return tokens.to(self.device), mask.to(self.device)
 
     def head_logits(self, features: list[torch.Tensor], tokens=None, mask=None, size=None) -> torch.Tensor:
-        """Head logits upsampled to the window size."""
-        logits = self.head(features, tokens, mask)
+        """Head logits upsampled to the window size (under the model's precision: bf16 halves CPU time)."""
+        with _autocast(self.device, resolve_precision(self.config.precision, self.device)):
+            logits = self.head(features, tokens, mask)
         size = size or self.config.window
         return torch.nn.functional.interpolate(logits.float(), size=(size, size) if isinstance(size, int) else size,
                                                mode="bilinear", align_corners=False)
