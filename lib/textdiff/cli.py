@@ -124,6 +124,17 @@ def cmd_convert_adm(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from . import benchmark
+
+    result = benchmark.run(args.backbone, Path(args.data) if args.data else benchmark.DEFAULT_DATA, args.model,
+                           args.windows, args.epochs, args.reference_steps, tuple(args.skip or ()))
+    print(benchmark.table(result), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textdiff", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--verbose", "-v", action="store_true")
@@ -193,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="diffusers save_pretrained folder to write")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="guided-diffusion flags")
     p.set_defaults(func=cmd_convert_adm)
+
+    p = sub.add_parser("benchmark", help="measure extraction/training speed-ups, REST infer time, peak memory")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    p.add_argument("--backbone", default="default")
+    p.add_argument("--model", default="default", help="model folder served for the REST infer timing")
+    p.add_argument("--data", help="MoNuSeg LViT root (default ../shared/data/monuseg)")
+    p.add_argument("--windows", type=int, default=4, help="256x256 windows timed for extraction")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of the training comparison")
+    p.add_argument("--reference-steps", type=int, default=12, help="reference-loop steps timed (then scaled)")
+    p.add_argument("--skip", action="append", choices=["extract", "train", "infer"])
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 

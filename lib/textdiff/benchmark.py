@@ -1,0 +1,205 @@
+"""``textdiff benchmark``: speed and memory ratios, all measured in one run on one machine and one backbone.
+
+- extract: the naive reference loop (one full fp32 forward per step, hooks, no early exit) against the engine's
+  path (all steps in one batch, early exit, inference_mode, bf16/fp16 autocast where supported), on the same
+  windows; also the largest relative difference of the features (Frobenius norm, per block).
+- train: the reference few-shot loop (features re-extracted every epoch, batch 1, fp32) against ``train()``
+  (cached fp16 features, batches, bf16 head) for the same epochs and images. The reference loop repeats identical
+  work every step, so it is timed on its first ``reference_steps`` steps and scaled to the full run; the fast path
+  runs in full (extraction included) in a child process whose peak RSS is reported.
+- infer: median wall time of REST ``POST /infer`` of one 1000x1000 H&E tile on a warm in-process server.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbone import DiffusionFeatures, naive_features, resolve_precision
+from .data import Sample, read_image, read_lvit
+from .model import ModelConfig, TextDiffModel
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "monuseg"
+
+
+def _windows(samples: list[Sample], model: TextDiffModel, count: int) -> torch.Tensor:
+    crops = []
+    window = model.config.window
+    for sample in samples:
+        x = model.prepare(read_image(sample.image).array)
+        for i in range(0, x.shape[-2] - window + 1, window):
+            for j in range(0, x.shape[-1] - window + 1, window):
+                crops.append(x[:, i:i + window, j:j + window])
+                if len(crops) == count:
+                    return torch.stack(crops)
+    return torch.stack(crops)
+
+
+def bench_extract(model: TextDiffModel, windows: torch.Tensor, repeats: int = 2) -> dict:
+    unet, c = model.features.unet, model.config
+    fast = DiffusionFeatures(unet, c.blocks, c.steps, c.noise_seed, precision=c.precision)
+    fast(windows[:1])  # warm-up (allocator, autocast caches)
+    naive_features(unet, windows[:1], c.blocks, c.steps, c.noise_seed)
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for k in range(windows.shape[0]):
+                out = fn(windows[k:k + 1])
+            best = min(best, time.perf_counter() - start)
+        return best, out
+
+    naive_s, _ = timed(lambda x: naive_features(unet, x, c.blocks, c.steps, c.noise_seed))
+    fast_s, _ = timed(fast)
+    diffs = []
+    for k in range(windows.shape[0]):
+        a = naive_features(unet, windows[k:k + 1], c.blocks, c.steps, c.noise_seed)
+        b = fast(windows[k:k + 1])
+        diffs += [float((x - y).norm() / x.norm()) for x, y in zip(a, b)]
+    n = windows.shape[0]
+    return {"extract_naive_s_per_window": naive_s / n, "extract_fast_s_per_window": fast_s / n,
+            "extract_speedup": naive_s / fast_s, "feature_max_rel_diff": max(diffs),
+            "precision": resolve_precision(c.precision, model.device)}
+
+
+def _reference_train_steps(model: TextDiffModel, samples: list[Sample], steps: int) -> float:
+    """Seconds per window of the reference loop: extract (fp32, per step) + head step, batch 1."""
+    from monai.losses import DiceCELoss
+
+    from . import preprocess
+
+    c = model.config
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.5)
+    head = model.head
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+    model.config.precision = "fp32"
+    done, start = 0, time.perf_counter()
+    for sample in samples:
+        image = read_image(sample.image)
+        x = model.prepare(image.array)
+        from .data import read_mask
+
+        y = preprocess.prepare_mask(read_mask(sample.mask), c.scale)[0]
+        for i in range(0, x.shape[-2] - c.window + 1, c.window):
+            for j in range(0, x.shape[-1] - c.window + 1, c.window):
+                window = x[None, :, i:i + c.window, j:j + c.window]
+                feats = naive_features(model.features.unet, window, c.blocks, c.steps, c.noise_seed)
+                tokens, mask = model.text_tokens([sample.report])
+                logits = model.head_logits(feats, tokens, mask)
+                loss = loss_fn(logits, y[None, None, i:i + c.window, j:j + c.window])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                done += 1
+                if done == steps:
+                    return (time.perf_counter() - start) / done
+    return (time.perf_counter() - start) / max(done, 1)
+
+
+def _fast_train_child(config_dict: dict, train_dir: str, val_dir: str, epochs: int, queue) -> None:
+    from .train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = TextDiffModel.build(ModelConfig.from_dict(config_dict))
+    samples = read_lvit(train_dir) + read_lvit(val_dir)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        summary = train(model, samples, [], out, TrainConfig(epochs=epochs), progress=False)
+    queue.put({"train_fast_s": time.perf_counter() - start, "windows": summary["windows"],
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+
+
+def bench_train(config: ModelConfig, data: Path, epochs: int, reference_steps: int) -> dict:
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_fast_train_child, args=(config.to_dict(), str(data / "Train_Folder"),
+                                                            str(data / "Val_Folder"), epochs, queue))
+    child.start()
+    fast = queue.get()
+    child.join()
+    model = TextDiffModel.build(ModelConfig.from_dict(config.to_dict()))
+    samples = read_lvit(data / "Train_Folder") + read_lvit(data / "Val_Folder")
+    per_window = _reference_train_steps(model, samples, reference_steps)
+    reference_s = per_window * fast["windows"] * epochs
+    return {"train_reference_s": reference_s, "train_reference_measured_steps": reference_steps,
+            "train_fast_s": fast["train_fast_s"], "train_speedup": reference_s / fast["train_fast_s"],
+            "train_images": len(samples), "train_epochs": epochs, "peak_rss_gb": fast["peak_rss_gb"]}
+
+
+def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
+    """Median REST infer time of one tile on a warm in-process MONAI Label server (the shipped app)."""
+    import os
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    app_dir = Path(__file__).resolve().parents[2] / "apps" / "textdiff"
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = Path(tmp) / "studies"
+        studies.mkdir()
+        shutil.copy(tile, studies / "tile.png")
+        settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(app_dir), str(studies)
+        settings.MONAI_LABEL_APP_CONF = {"model": model_dir, "model_dir": str(Path(tmp) / "published")}
+        settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+        os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+        from monailabel.app import app
+
+        times = []
+        with TestClient(app) as client:
+            params = {"data": {"params": json.dumps({"report": "The nuclei are evenly distributed."})}}
+            assert client.post("/infer/textdiff?image=tile&output=image", **params).status_code == 200  # warm-up
+            for _ in range(requests):
+                start = time.perf_counter()
+                response = client.post("/infer/textdiff?image=tile&output=image", **params)
+                times.append(time.perf_counter() - start)
+                if response.status_code != 200:
+                    raise RuntimeError(f"infer failed: {response.text[:300]}")
+    return {"infer_1000px_s": statistics.median(times), "infer_1000px_all_s": times}
+
+
+def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "default", windows: int = 4,
+        epochs: int = 10, reference_steps: int = 12, skip: tuple[str, ...] = ()) -> dict:
+    if not (data / "Train_Folder").is_dir():
+        raise FileNotFoundError(f"benchmark data not found: {data} (MoNuSeg LViT folders)")
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=backbone, scale=0.5)
+    model = TextDiffModel.build(config)
+    samples = read_lvit(data / "Train_Folder")
+    result: dict = {"device": f"{model.device.type} ({platform.processor() or platform.machine()}, "
+                              f"{torch.get_num_threads()} threads)", "backbone": backbone}
+    if "extract" not in skip:
+        result |= bench_extract(model, _windows(samples, model, windows))
+    if "train" not in skip:
+        result |= bench_train(config, data, epochs, reference_steps)
+    if "infer" not in skip:
+        result |= bench_infer(model_dir, samples[0].image)
+    return result
+
+
+def table(result: dict) -> str:
+    rows = [("feature extraction speed-up (vs naive loop)", "extract_speedup", "{:.1f}x", "goal >= 4x"),
+            ("  naive / fast s per 256x256 window", None, None, None),
+            ("feature max relative difference", "feature_max_rel_diff", "{:.2%}", "goal <= 2%"),
+            ("few-shot training speed-up (vs reference loop)", "train_speedup", "{:.1f}x", "goal >= 20x"),
+            ("REST infer, 1000x1000 tile, median", "infer_1000px_s", "{:.2f} s", "goal <= 3 s"),
+            ("peak RSS, training on 30 MoNuSeg images", "peak_rss_gb", "{:.2f} GB", "goal <= 8 GB")]
+    lines = [f"device: {result.get('device')}  backbone: {result.get('backbone')}", ""]
+    for label, key, fmt, goal in rows:
+        if key is None:
+            if "extract_naive_s_per_window" in result:
+                lines.append(f"{label:48s} {result['extract_naive_s_per_window']:.2f} / "
+                             f"{result['extract_fast_s_per_window']:.2f}")
+            continue
+        if key in result:
+            lines.append(f"{label:48s} {fmt.format(result[key]):>10s}   {goal}")
+    return "\n".join(lines)
