@@ -142,3 +142,16 @@ def test_volume_infer_keeps_geometry(client):
     assert np.allclose(label.GetSpacing(), reference.GetSpacing())
     assert np.allclose(label.GetOrigin(), reference.GetOrigin(), atol=1e-4)
     assert np.allclose(label.GetDirection(), reference.GetDirection(), atol=1e-6)
+
+
+def test_pretrain_trainer_adapts_backbone_used_by_next_head(client):
+    response = client.post("/train/textdiff_pretrain?run_sync=true", json={"max_steps": 2, "crop_size": 32})
+    assert response.status_code == 200, response.text
+    from monailabel.interfaces.utils.app import app_instance
+
+    adapted = app_instance().task.pretrainer().out
+    assert (adapted / "config.json").is_file() and (adapted / "recipe.json").is_file()
+    assert client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1}).status_code == 200
+    published = json.loads((client.tmp / "published" / "config.json").read_text())
+    assert published["backbone"] == str(adapted)
+    assert infer_json(client, "case_1", report="x")["report_source"] == "request"

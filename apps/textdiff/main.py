@@ -42,7 +42,7 @@ class TextDiffApp(MONAILabelApp):
         return self.task.infer()
 
     def init_trainers(self):
-        return {MODEL: self.task.trainer()}
+        return {MODEL: self.task.trainer(), f"{MODEL}_pretrain": self.task.pretrainer()}
 
     def init_strategies(self):
         return self.task.strategy()

@@ -96,11 +96,13 @@ def cmd_infer(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import PretrainConfig, pretrain, unet_config
 
     config = PretrainConfig(images=args.images, out=args.out, size=args.size, scale=args.scale or [1.0],
                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every, minutes=args.minutes, precision=args.precision)
+    if args.channels:
+        config.unet = unet_config(args.channels)
     out = pretrain(config, resume=args.resume)
     print(f"backbone written to {out}", file=sys.stderr)
     return 0
@@ -188,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="stop (checkpointed) after this much time; --resume goes on")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--channels", type=_ints, help="UNet widths per level (default 32,64,128,192)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("import-lvit", help="turn an LViT-format folder into a MONAI Label studies folder")

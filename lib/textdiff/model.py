@@ -75,9 +75,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@functools.lru_cache(maxsize=4)
 def frozen_backbone(source: str, device: str):
-    """Backbones are shared by every model (and by infer, train and scoring) in one process."""
+    """Backbones are shared by every model (and by infer, train and scoring) in one process; a folder whose
+    weights were rewritten (a resumed pretraining) is loaded afresh."""
+    folder = Path(source)
+    stamp = max((p.stat().st_mtime_ns for p in folder.glob("*.safetensors")), default=0) if folder.is_dir() else 0
+    return _cached_backbone(source, device, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_backbone(source: str, device: str, stamp: int):
     return load_unet(source).to(device)
 
 

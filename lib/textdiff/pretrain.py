@@ -6,6 +6,7 @@ Runs as is under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL on GPU). Che
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,15 @@ SMALL_UNET = dict(
     down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
     attention_head_dim=32, norm_num_groups=16)
+
+
+def unet_config(channels: list[int]) -> dict:
+    """SMALL_UNET's shape (attention at the coarsest level only) with other widths."""
+    groups = math.gcd(*channels) if len(channels) > 1 else channels[0]
+    return dict(SMALL_UNET, block_out_channels=tuple(channels), norm_num_groups=min(16, groups),
+                attention_head_dim=min(32, channels[-1]),
+                down_block_types=("DownBlock2D",) * (len(channels) - 1) + ("AttnDownBlock2D",),
+                up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (len(channels) - 1))
 
 
 @dataclass

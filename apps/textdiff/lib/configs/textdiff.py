@@ -9,6 +9,7 @@ from ..activelearning.uncertainty import EntropyScoring, MostUncertain
 from ..infers.textdiff import TextDiffInfer
 from ..model_store import ModelStore
 from ..settings import AppSettings
+from ..trainers.pretrain import TextDiffPretrain
 from ..trainers.textdiff import TextDiffTrain
 
 
@@ -24,7 +25,10 @@ class TextDiffConfig(TaskConfig):
                                          "TextDiff: segmentation guided by the image's report")}
 
     def trainer(self):
-        return TextDiffTrain(self.store, self.settings)
+        return TextDiffTrain(self.store, self.settings, self.pretrainer().out)
+
+    def pretrainer(self):
+        return TextDiffPretrain(self.settings)
 
     def strategy(self):
         return {f"{self.name}_uncertainty": MostUncertain(), "random": Random(), "first": First()}

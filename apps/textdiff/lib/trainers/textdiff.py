@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -18,10 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 class TextDiffTrain(TrainTask):
-    def __init__(self, store: ModelStore, settings: AppSettings):
+    def __init__(self, store: ModelStore, settings: AppSettings, adapted_backbone: Path):
         super().__init__("Train the TextDiff fusion head on the labeled images and their reports")
         self.store = store
         self.settings = settings
+        self.adapted_backbone = adapted_backbone  # written by the textdiff_pretrain trainer, if it ran
 
     def config(self):
         return {"max_epochs": self.settings.epochs, "learning_rate": 1e-3, "seed": 0}
@@ -33,8 +35,11 @@ class TextDiffTrain(TrainTask):
         labels = {"background": 0} | self.store.label_names()
         changes = dict(labels=labels, feature_channels=None, backbone_fingerprint=None, weights=None,
                        text_encoder=self.settings.text_encoder if self.settings.text_encoder != "default" else config.text_encoder)
-        if self.settings.backbone != "default" or config.backbone == "default":
-            changes |= dict(backbone=self.settings.backbone, blocks=None if self.settings.backbone != config.backbone else config.blocks)
+        backbone = self.settings.backbone
+        if backbone == "default" and (self.adapted_backbone / "config.json").is_file():
+            backbone = str(self.adapted_backbone)
+        if backbone != "default" and backbone != config.backbone:
+            changes |= dict(backbone=backbone, blocks=None)  # another UNet: its own default blocks
         if self.settings.scale is not None:
             changes["scale"] = self.settings.scale
         return dataclasses.replace(config, **changes)

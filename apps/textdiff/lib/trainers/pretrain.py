@@ -1,0 +1,49 @@
+"""Second trainer: adapt the diffusion backbone to the datastore's own (unlabeled) images by DDPM pretraining.
+
+Heads trained afterwards by the ``textdiff`` trainer use the adapted backbone (unless ``--conf backbone`` names
+another); the model being served keeps its own backbone until a head trained on the new one is published.
+"""
+from __future__ import annotations
+
+import logging
+
+from monailabel.interfaces.tasks.train import TrainTask
+
+from textdiff.pretrain import PretrainConfig, pretrain
+
+from ..settings import AppSettings
+
+logger = logging.getLogger(__name__)
+
+
+class TextDiffPretrain(TrainTask):
+    def __init__(self, settings: AppSettings):
+        super().__init__("Pretrain (adapt) the diffusion backbone on every image of the datastore; labels unused")
+        self.settings = settings
+
+    @property
+    def out(self):
+        return self.settings.model_dir.parent / "backbone"
+
+    def config(self):
+        return {"minutes": 30.0, "max_steps": 20000, "crop_size": 128, "scale": 1.0}
+
+    def __call__(self, request, datastore):
+        images = sorted({datastore.get_image_uri(i) for i in datastore.list_images()})
+        if not images:
+            raise ValueError("the datastore holds no images")
+        config = PretrainConfig(images=images, out=str(self.out), size=int(request.get("crop_size", 128)),
+                                scale=[float(request.get("scale", 1.0))], steps=int(request.get("max_steps", 20000)),
+                                minutes=float(request.get("minutes", 30.0)))
+        # resumes from the last checkpoint: a campaign can pretrain in several sittings
+        pretrain(config, resume=True, progress=False)
+        return {"backbone": str(self.out), **self.stats()}
+
+    def stats(self):
+        import json
+
+        recipe = self.out / "recipe.json"
+        if not recipe.is_file():
+            return {}
+        data = json.loads(recipe.read_text())
+        return {k: data[k] for k in ("step", "wall_s", "final") if k in data}
