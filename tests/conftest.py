@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from support import MONUSEG, need_shared, tiny_unet_model, write_lvit
+import json
+
+from support import APP_DIR, MONUSEG, need_shared, tiny_unet_model, write_lvit
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +65,31 @@ def monuseg_crops():
 def lvit_folder(tmp_path, monuseg_crops) -> Path:
     images, masks, reports = zip(*monuseg_crops)
     return write_lvit(tmp_path / "Train_Folder", list(images), list(masks), list(reports))
+
+
+@pytest.fixture()
+def client(tmp_path, tiny_model, lvit_folder, monkeypatch):
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    from textdiff.studies import import_lvit
+
+    tiny_model.save(tmp_path / "initial")
+    studies = tmp_path / "studies"
+    import_lvit(lvit_folder, studies, labels=1)  # case_0 labeled; case_1, case_2 not
+    conf = {"model": str(tmp_path / "initial"), "model_dir": str(tmp_path / "published"), "epochs": "2"}
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
+    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
+    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", conf)
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.studies = studies
+        test_client.tmp = tmp_path
+        yield test_client
+    clear_cache()
+
+

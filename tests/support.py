@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,4 +51,31 @@ def write_lvit(folder: Path, images: list[np.ndarray], masks: list[np.ndarray], 
 def need_shared():
     if not MONUSEG.is_dir():
         pytest.skip(f"real data not found at {SHARED} (the tests read it from ../shared/data)")
+
+
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
+
+
+def infer_json(client, image, **params):
+    response = client.post(f"/infer/textdiff?image={image}&output=json", data={"params": json.dumps(params)})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def infer_label(client, image, **params) -> sitk.Image:
+    response = client.post(f"/infer/textdiff?image={image}&output=image", data={"params": json.dumps(params)})
+    assert response.status_code == 200, response.text
+    suffix = params.get("result_extension", ".png")
+    path = client.tmp / f"result{suffix}"
+    path.write_bytes(response.content)
+    return sitk.ReadImage(str(path))
+
+
+def put_label(client, image, array: np.ndarray, name="label.nii.gz"):
+    path = client.tmp / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with open(path, "rb") as handle:
+        return client.put(f"/datastore/label?image={image}", files={"label": (name, handle)})
+
 

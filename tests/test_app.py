@@ -10,58 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from support import SHARED
+from support import SHARED, infer_json, infer_label, put_label
 
 pytest.importorskip("monailabel")
-APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "textdiff"
-
-
-@pytest.fixture()
-def client(tmp_path, tiny_model, lvit_folder, monkeypatch):
-    from fastapi.testclient import TestClient
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    from textdiff.studies import import_lvit
-
-    tiny_model.save(tmp_path / "initial")
-    studies = tmp_path / "studies"
-    import_lvit(lvit_folder, studies, labels=1)  # case_0 labeled; case_1, case_2 not
-    conf = {"model": str(tmp_path / "initial"), "model_dir": str(tmp_path / "published"), "epochs": "2"}
-    monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
-    monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
-    monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", conf)
-    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
-    clear_cache()
-    from monailabel.app import app
-
-    with TestClient(app) as test_client:
-        test_client.studies = studies
-        test_client.tmp = tmp_path
-        yield test_client
-    clear_cache()
-
-
-def infer_json(client, image, **params):
-    response = client.post(f"/infer/textdiff?image={image}&output=json", data={"params": json.dumps(params)})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def infer_label(client, image, **params) -> sitk.Image:
-    response = client.post(f"/infer/textdiff?image={image}&output=image", data={"params": json.dumps(params)})
-    assert response.status_code == 200, response.text
-    suffix = params.get("result_extension", ".png")
-    path = client.tmp / f"result{suffix}"
-    path.write_bytes(response.content)
-    return sitk.ReadImage(str(path))
-
-
-def put_label(client, image, array: np.ndarray, name="label.nii.gz"):
-    path = client.tmp / name
-    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-    with open(path, "rb") as handle:
-        return client.put(f"/datastore/label?image={image}", files={"label": (name, handle)})
 
 
 def test_info_lists_model_trainer_scoring_and_strategies(client):
@@ -155,3 +106,4 @@ def test_pretrain_trainer_adapts_backbone_used_by_next_head(client):
     published = json.loads((client.tmp / "published" / "config.json").read_text())
     assert published["backbone"] == str(adapted)
     assert infer_json(client, "case_1", report="x")["report_source"] == "request"
+

@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")  # MLflow's file:// tracking fails on monai 1.6
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded defaults need no hub; a hub id fails fast and clearly
 
+from fastapi import HTTPException
+from lib import server_guards
 from lib.configs.textdiff import TextDiffConfig
 from lib.datastore import ValidatingDatastore
 from lib.settings import AppSettings
@@ -28,6 +30,7 @@ class TextDiffApp(MONAILabelApp):
         self.task = TextDiffConfig()
         self.task.init(MODEL, str(self.settings.model_dir), conf, None, settings=self.settings,
                        datastore=lambda: self._datastore)
+        server_guards.install()
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TextDiff",
                          description="Report-guided, label-efficient segmentation (TextDiff, MICCAI 2024)",
                          labels=self.task.store.label_names())
@@ -52,5 +55,11 @@ class TextDiffApp(MONAILabelApp):
 
     def infer(self, request, datastore=None):
         request = dict(request)
-        request["image_id"] = request.get("image")  # the base class swaps the id for a path; the report needs the id
+        if request.get("model") not in self._infers:
+            raise HTTPException(404, f"unknown model {request.get('model')!r}; available: {', '.join(self._infers)}")
+        image = request.get("image")
+        store = datastore or self.datastore()
+        if isinstance(image, str) and not os.path.exists(image) and image not in store.list_images():
+            raise HTTPException(404, f"unknown image id {image!r}")
+        request["image_id"] = image  # the base class swaps the id for a path; the report needs the id
         return super().infer(request, datastore)
