@@ -83,3 +83,34 @@ def test_concurrent_infers_agree(client):
         results = list(pool.map(one, range(20)))
     assert all(status == 200 for status, _ in results)
     assert len({content for _, content in results}) == 1
+
+
+def test_training_killed_midway_leaves_published_model_intact(tiny_model, lvit_folder, tiny_unet_dir,
+                                                              tiny_encoder_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from textdiff.model import TextDiffModel
+
+    published = tmp_path / "model"
+    tiny_model.save(published)
+    before = {p.name: p.read_bytes() for p in published.iterdir()}
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    expected = TextDiffModel.load(published, "cpu").predict_proba(image, "x")
+    command = [sys.executable, "-m", "textdiff.cli", "train", "--data", str(lvit_folder), "--out", str(published),
+               "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
+               "--head-dim", "16", "--epochs", "100000", "--cache-dir", str(tmp_path / "cache")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "cache").glob("*.safetensors"))) < 3:
+        time.sleep(0.2)
+    time.sleep(1.0)  # well into the epochs
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert {p.name: p.read_bytes() for p in published.iterdir() if not p.name.startswith(".")} == before
+    import torch
+
+    torch.testing.assert_close(TextDiffModel.load(published, "cpu").predict_proba(image, "x"), expected)
