@@ -81,3 +81,20 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(c in out for c in ("train", "evaluate", "infer", "pretrain"))
+
+
+def test_cli_train_under_torchrun_with_two_cpu_processes(lvit_folder, tiny_unet_dir, tiny_encoder_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp-model"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "textdiff.cli", "train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(out),
+               "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
+               "--head-dim", "16", "--epochs", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 2 and summary["best"]["dice"] is not None

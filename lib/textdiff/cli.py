@@ -49,10 +49,14 @@ def cmd_train(args) -> int:
     config = ModelConfig(backbone=args.backbone, blocks=args.blocks, steps=args.steps, text_encoder=args.text_encoder,
                          max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision)
-    model = TextDiffModel.build(config, _device(args.device))
+    from .distributed import setup, teardown
+
+    _, world, device = setup()  # under torchrun: one process per device, images sharded
+    model = TextDiffModel.build(config, _device(args.device) or device)
     summary = train(model, samples, val, args.out,
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                 variants=args.variants, cache_dir=args.cache_dir))
+    teardown()
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
     print(f"saved {args.out}: best epoch {best['epoch']}, {val}, {summary['wall_s']:.0f} s", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import preprocess
+from . import distributed, preprocess
 from .backbone import resolve_precision, _autocast
 from .data import IMAGE_SUFFIXES, ImageReadError, read_image
 
@@ -107,23 +107,10 @@ def random_crops(pools, size, batch, generator) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    rank, world, device = _distributed()
+    rank, world, device = distributed.setup()
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +179,5 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True
             break
     bar.close()
     save(final=step >= config.steps)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.teardown()
     return out

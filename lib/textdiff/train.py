@@ -21,7 +21,7 @@ from monai.losses import DiceCELoss
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import preprocess
+from . import distributed, preprocess
 from .data import Sample, read_image, read_mask
 from .metrics import dice_iou
 from .model import TextDiffModel, _atomic_write
@@ -165,11 +165,16 @@ def _augment(feats: list[torch.Tensor], mask: torch.Tensor, rng: random.Random):
     return [_dihedral(f, turns, flip) for f in feats], _dihedral(mask, turns, flip)
 
 
-def _batches(windows: list[Window], batch_size: int, rng: random.Random):
-    order = list(range(len(windows)))
-    rng.shuffle(order)
-    for b in range(0, len(order), batch_size):
-        yield [windows[i] for i in order[b:b + batch_size]]
+def _epoch_batches(windows: list[Window], batch_size: int, steps: int, rng: random.Random):
+    """``steps`` shuffled batches; a rank with fewer windows than others cycles through its own again."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            refill = list(range(len(windows)))
+            rng.shuffle(refill)
+            order += refill
+        batch, order = order[:batch_size], order[batch_size:]
+        yield [windows[i] for i in batch]
 
 
 def validate(model: TextDiffModel, images: list[CachedImage], batch_size: int = 8) -> dict:
@@ -207,27 +212,37 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         raise ValueError("no labeled training images")
     if not 1 <= config.variants <= len(VARIANTS):
         raise ValueError(f"variants must be in 1..{len(VARIANTS)}")
+    rank, world = distributed.current()  # under torchrun / multi_gpu: images sharded, head in DDP, rank 0 validates
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed + rank)
     started = time.time()
     cache = cache or FeatureCache(model, config.cache_dir, config.batch_size)
+    progress = progress and rank == 0
+    mine = train_samples[rank::world]
+    val_samples = (val_samples or []) if rank == 0 else []
 
-    bar = tqdm(total=len(train_samples) * config.variants + len(val_samples or []), desc="features", unit="img",
-               disable=not progress)
+    bar = tqdm(total=len(mine) * config.variants + len(val_samples), desc="features", unit="img", disable=not progress)
     windows: list[Window] = []
-    for sample in train_samples:
+    for sample in mine:
         for variant in range(config.variants):
             windows += cache.get(sample, variant).windows
             bar.update()
     val_images = []
-    for sample in val_samples or []:
+    for sample in val_samples:
         val_images.append(cache.get(sample, 0))
         bar.update()
     bar.close()
 
     head = model.head
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+    trained = head
     steps_per_epoch = math.ceil(len(windows) / config.batch_size)
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            head, device_ids=[model.device.index] if model.device.type == "cuda" else None)
+        steps = torch.tensor([steps_per_epoch], device=model.device)
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)  # every rank runs the same steps
+        steps_per_epoch = int(steps.item())
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
     total = config.epochs * steps_per_epoch
     warmup = max(1, total // 20)  # short linear warm-up, then cosine decay to 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -239,7 +254,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     for epoch in epochs:
         head.train()
         losses = []
-        for chunk in _batches(windows, config.batch_size, rng):
+        for chunk in _epoch_batches(windows, config.batch_size, steps_per_epoch, rng):
             feats, masks = [], []
             for w in chunk:
                 f, m = (_augment(w.features, w.mask, rng) if config.feature_augment else (w.features, w.mask))
@@ -248,7 +263,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             feats = [torch.stack([f[k] for f in feats]).to(model.device).float() for k in range(len(feats[0]))]
             target = torch.stack(masks)[:, None].to(model.device)
             tokens, mask = model.text_tokens([w.report for w in chunk])
-            loss = loss_fn(model.head_logits(feats, tokens, mask), target)
+            loss = loss_fn(model.head_logits(feats, tokens, mask, head=trained), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -259,7 +274,11 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             record |= {k: v for k, v in validate(model, val_images).items() if k in ("dice", "iou")}
             improved = record["dice"] > best["dice"]
         else:
-            improved = True
+            improved = not val_samples
+        if world > 1:  # rank 0 decides; the weights are identical on every rank
+            flag = torch.tensor([float(improved)], device=model.device)
+            torch.distributed.broadcast(flag, 0)
+            improved = bool(flag.item())
         if improved:
             best = {"dice": record.get("dice"), "iou": record.get("iou"), "epoch": epoch}  # None without validation
             best_state = copy.deepcopy(head.state_dict())
@@ -272,8 +291,9 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             break
     head.load_state_dict(best_state)
     head.eval()
-    summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples),
+    summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples), "world_size": world,
                "val_images": len(val_images), "windows": len(windows), "wall_s": round(time.time() - started, 1),
                "backbone_windows_extracted": cache.extractions, "config": config.__dict__, "history": history}
-    model.save(out_dir, extra=summary)
+    if rank == 0:
+        model.save(out_dir, extra=summary)
     return summary

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
 from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
@@ -56,9 +57,16 @@ class TextDiffTrain(TrainTask):
         epochs = int(request.get("max_epochs", self.settings.epochs))
         config = TrainConfig(epochs=epochs, lr=float(request.get("learning_rate", 1e-3)), seed=int(request.get("seed", 0)),
                              cache_dir=str(self.settings.model_dir.parent / "feature-cache"))
-        model = TextDiffModel.build(self.new_model_config(), self.settings.device)
         logger.info(f"training on {len(train_samples)} labeled images, validating on {len(val_samples)}")
-        summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False)
+        gpus = torch.cuda.device_count()
+        if str(request.get("multi_gpu", "false")).lower() == "true" and gpus > 1:
+            # one process per GPU under torch.distributed (NCCL); images sharded, rank 0 validates and publishes
+            torch.multiprocessing.spawn(_train_worker, nprocs=gpus, args=(
+                gpus, self.new_model_config().to_dict(), train_samples, val_samples, str(self.settings.model_dir), config))
+            summary = json.loads((self.settings.model_dir / "training.json").read_text())
+        else:
+            model = TextDiffModel.build(self.new_model_config(), self.settings.device)
+            summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False)
         summary.pop("history", None)
         return summary | {"published": str(self.settings.model_dir)}
 
@@ -68,3 +76,17 @@ class TextDiffTrain(TrainTask):
             return {}
         data = json.loads(path.read_text())
         return {k: data[k] for k in ("best", "epochs_run", "train_images", "val_images", "wall_s") if k in data}
+
+
+def _train_worker(rank: int, world: int, config: dict, train_samples, val_samples, out_dir: str, train_config) -> None:
+    import os
+
+    from textdiff import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # MONAI Label sets both for its train subprocess
+    os.environ.setdefault("MASTER_PORT", "29517")
+    _, _, device = distributed.setup()
+    model = TextDiffModel.build(ModelConfig.from_dict(config), device)
+    train(model, train_samples, val_samples, out_dir, train_config, progress=False)
+    distributed.teardown()
