@@ -24,6 +24,7 @@ DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_NOISE_SEED = 0
 SHIPPED_BACKBONES = Path(__file__).parent / "weights"
 DEFAULT_BACKBONE = "default"
+RANDOM_BACKBONE = "random"  # "random" or "random:FOLDER": same architecture, random initialisation
 
 
 class BackboneLoadError(RuntimeError):
@@ -40,6 +41,11 @@ def load_unet(source: str | os.PathLike | None = None):
     from diffusers import UNet2DModel
 
     source = str(source or DEFAULT_BACKBONE)
+    if source == RANDOM_BACKBONE or source.startswith(RANDOM_BACKBONE + ":"):
+        # the architecture of the shipped (or a given) backbone with seeded random weights: the ablation baseline
+        template = load_unet(source.partition(":")[2] or DEFAULT_BACKBONE)
+        torch.manual_seed(0)
+        return UNet2DModel.from_config(template.config)
     shipped = _resolve_shipped(source)
     path = shipped or Path(source).expanduser()
     if path.is_dir():

@@ -1,0 +1,145 @@
+"""Reproduce every number of docs/results.md from ../shared/data: label-efficiency curves (TextDiff, TextDiff
+without text, a plain U-Net), the default-vs-random-init-vs-no-text table, and ablations.
+
+Each run writes docs/results/runs/<name>.json as soon as it finishes and is skipped when that file exists, so the
+command resumes where it stopped (a full CPU run takes many hours; run it again until it prints 'all runs done').
+`--only PREFIX` limits the runs; `--plots` only redraws the figures and results.md from the runs present.
+
+    .venv/bin/python scripts/reproduce_results.py [--only monuseg] [--plots]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "docs" / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+
+SEEDS = (0, 1, 2)
+CURVES = {"monuseg": (1, 3, 6, 12, 24), "covid": (10, 30, 100, 300, 1500)}
+
+
+def splits(dataset: str):
+    from textdiff.data import read_lvit
+
+    if dataset == "monuseg":
+        return read_lvit(DATA / "monuseg" / "Train_Folder"), read_lvit(DATA / "monuseg" / "Val_Folder")
+    samples = read_lvit(DATA / "covid-qu-ex" / "Train_Folder")
+    return samples[:1500], samples[-200:]
+
+
+def scale_of(dataset: str) -> float:
+    return 0.5 if dataset == "monuseg" else 1.0
+
+
+def subset(train, n: int, seed: int):
+    return sorted(random.Random(seed).sample(train, n), key=lambda s: s.name) if n < len(train) else list(train)
+
+
+def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="default", epochs=None, **model_kw) -> dict:
+    from textdiff.evaluate import evaluate
+    from textdiff.model import ModelConfig, TextDiffModel
+    from textdiff.train import TrainConfig, train
+
+    train_all, val = splits(dataset)
+    chosen = subset(train_all, n, seed)
+    config = ModelConfig(backbone=backbone, use_text=use_text, scale=model_kw.pop("scale", scale_of(dataset)),
+                         labels={"background": 0, "lesion" if dataset == "covid" else "nucleus": 1}, **model_kw)
+    model = TextDiffModel.build(config)
+    epochs = epochs or (50 if len(chosen) * (4 if dataset == "monuseg" else 1) <= 400 else 10)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as out:
+        summary = train(model, chosen, val, out, TrainConfig(epochs=epochs, seed=seed,
+                                                              cache_dir=str(ROOT / "runs" / "feature-cache")),
+                        progress=True)
+        result = evaluate(TextDiffModel.load(out), val, progress=True, use_reports=use_text)
+    return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
+            "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1)}
+
+
+def run_unet(dataset: str, n: int, seed: int, minutes: float = 10.0) -> dict:
+    from unet_baseline import evaluate_unet, train_unet
+
+    train_all, val = splits(dataset)
+    chosen = subset(train_all, n, seed)
+    net = train_unet(chosen, scale_of(dataset), minutes=minutes, seed=seed)
+    result = evaluate_unet(net, val, scale_of(dataset))
+    return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
+            "steps": net.steps_trained, "minutes": minutes}
+
+
+def plan(only: str | None):
+    runs = []
+    for dataset, points in CURVES.items():
+        for n in points:
+            for seed in SEEDS:
+                runs.append((f"{dataset}-curve-textdiff-n{n}-s{seed}", run_textdiff, (dataset, n, seed), {}))
+                runs.append((f"{dataset}-curve-notext-n{n}-s{seed}", run_textdiff, (dataset, n, seed), {"use_text": False}))
+                runs.append((f"{dataset}-curve-unet-n{n}-s{seed}", run_unet, (dataset, n, seed), {}))
+    for dataset, n in (("monuseg", 24), ("covid", 300)):
+        runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
+                 (f"{dataset}-ablation-random-init", run_textdiff, (dataset, n, 0), {"backbone": "random"}),
+                 (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10})]
+    runs.append(("monuseg-ablation-scale-1.0", run_textdiff, ("monuseg", 24, 0), {"scale": 1.0}))
+    return [r for r in runs if not only or r[0].startswith(only)]
+
+
+def plots() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
+    summary = {}
+    for dataset, points in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+        for method, label in (("textdiff", "TextDiff"), ("notext", "TextDiff, no text"), ("unet", "U-Net from scratch")):
+            xs, means, stds = [], [], []
+            for n in points:
+                values = [runs[f"{dataset}-curve-{method}-n{n}-s{s}"]["dice"] for s in SEEDS
+                          if f"{dataset}-curve-{method}-n{n}-s{s}" in runs]
+                if values:
+                    xs.append(n), means.append(float(np.mean(values))), stds.append(float(np.std(values)))
+                    summary[f"{dataset}/{method}/{n}"] = {"mean": means[-1], "std": stds[-1], "seeds": len(values)}
+            if xs:
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("labeled training images")
+        ax.set_ylabel("per-image mean Dice")
+        ax.set_title(dataset)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(OUT / f"{dataset}_label_efficiency.png")
+        plt.close(fig)
+    (OUT / "summary.json").write_text(json.dumps({"curves": summary, "runs": runs}, indent=1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="run only runs whose name starts with this")
+    parser.add_argument("--plots", action="store_true", help="only redraw plots and summary.json")
+    args = parser.parse_args()
+    (OUT / "runs").mkdir(parents=True, exist_ok=True)
+    if not args.plots:
+        todo = [r for r in plan(args.only) if not (OUT / "runs" / f"{r[0]}.json").is_file()]
+        for index, (name, fn, fn_args, kwargs) in enumerate(todo, 1):
+            print(f"[{index}/{len(todo)}] {name}", flush=True)
+            result = fn(*fn_args, **kwargs)
+            (OUT / "runs" / f"{name}.json").write_text(json.dumps(result, indent=1))
+        print("all runs done" if not [r for r in plan(args.only) if not (OUT / "runs" / f"{r[0]}.json").is_file()]
+              else "some runs remain")
+    plots()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
