@@ -1,0 +1,40 @@
+"""scripts/reproduce_results.py: resumable plan and generated docs (plots, results.md, README block)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("reproduce_results", ROOT / "scripts" / "reproduce_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_names_are_unique_and_filterable():
+    script = load_script()
+    names = [name for name, *_ in script.plan(None)]
+    assert len(names) == len(set(names))
+    assert all(n.startswith("monuseg") for n, *_ in script.plan("monuseg"))
+    assert "covid-curve-unet-n100-s2" in names
+
+
+def test_docs_generated_from_run_files(tmp_path, monkeypatch):
+    script = load_script()
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    monkeypatch.setattr(script, "OUT", tmp_path / "docs" / "results")
+    (tmp_path / "docs" / "results" / "runs").mkdir(parents=True)
+    (tmp_path / "README.md").write_text("a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb\n")
+    for seed, dice in enumerate((0.7, 0.8)):
+        (tmp_path / "docs/results/runs" / f"monuseg-curve-textdiff-n24-s{seed}.json").write_text(
+            json.dumps({"dice": dice, "iou": dice - 0.1}))
+    script.plots()
+    summary = json.loads((tmp_path / "docs/results/summary.json").read_text())
+    assert abs(summary["curves"]["monuseg/textdiff/24"]["mean"] - 0.75) < 1e-9
+    assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
+    readme = (tmp_path / "README.md").read_text()
+    assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
