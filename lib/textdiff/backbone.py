@@ -154,7 +154,7 @@ class DiffusionFeatures(nn.Module):
     """
 
     def __init__(self, unet, blocks=None, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED,
-                 precision: str = "fp32", early_exit: bool = True):
+                 precision: str = "fp32", early_exit: bool = True, include_image: bool = False):
         super().__init__()
         from diffusers import DDPMScheduler
 
@@ -173,6 +173,7 @@ class DiffusionFeatures(nn.Module):
         self.noise_seed = int(noise_seed)
         self.precision = precision
         self.early_exit = early_exit
+        self.include_image = include_image  # append the clean input as one more full-resolution map
         self._noise: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -210,7 +211,7 @@ class DiffusionFeatures(nn.Module):
             flat = tensor.detach().float().flatten()
             digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
             digest.update(str(float(flat.sum())).encode())
-        digest.update(json.dumps([self.blocks, self.steps, self.noise_seed, self.precision]).encode())
+        digest.update(json.dumps([self.blocks, self.steps, self.noise_seed, self.precision, self.include_image]).encode())
         return digest.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -248,6 +249,8 @@ class DiffusionFeatures(nn.Module):
         for b in self.blocks:
             f = captured[b].float()
             out.append(f.reshape(batch, steps * f.shape[1], *f.shape[-2:]))
+        if self.include_image:
+            out.append(x)
         return out
 
 

@@ -93,6 +93,7 @@ def _reference_train_steps(model: TextDiffModel, samples: list[Sample], steps: i
             for j in range(0, x.shape[-1] - c.window + 1, c.window):
                 window = x[None, :, i:i + c.window, j:j + c.window]
                 feats = naive_features(model.features.unet, window, c.blocks, c.steps, c.noise_seed)
+                feats += [window] if c.include_image else []
                 tokens, mask = model.text_tokens([sample.report])
                 logits = model.head_logits(feats, tokens, mask)
                 loss = loss_fn(logits, y[None, None, i:i + c.window, j:j + c.window])

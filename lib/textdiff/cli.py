@@ -21,6 +21,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None, help="working scale (default: 0.5 for images >= 768 px, else 1)")
     p.add_argument("--max-tokens", type=int, default=64, help="report token budget (default 64)")
     p.add_argument("--no-text", action="store_true", help="train the same head without the report (ablation)")
+    p.add_argument("--include-image", action="store_true", help="also feed the clean image to the head")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--label", default="foreground", help="name of the foreground class (default foreground)")
@@ -47,6 +48,7 @@ def cmd_train(args) -> int:
     if scale is None:
         scale = 0.5 if min(read_image(samples[0].image).size_hw) >= 768 else 1.0
     config = ModelConfig(backbone=args.backbone, blocks=args.blocks, steps=args.steps, text_encoder=args.text_encoder,
+                         include_image=args.include_image,
                          max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision)
     from .distributed import setup, teardown
@@ -55,7 +57,8 @@ def cmd_train(args) -> int:
     model = TextDiffModel.build(config, _device(args.device) or device)
     summary = train(model, samples, val, args.out,
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                variants=args.variants, cache_dir=args.cache_dir))
+                                variants=args.variants, cache_dir=args.cache_dir,
+                                feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout))
     teardown()
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
@@ -155,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--variants", type=int, default=1, help="image-space flip/rotation variants cached per image (1-8)")
+    p.add_argument("--no-feature-augment", action="store_true", help="no flips/rotations of the cached features")
+    p.add_argument("--text-dropout", type=float, default=0.5, help="chance a window trains without its report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--val-limit", type=int, help="use only the last N validation samples")

@@ -41,6 +41,7 @@ class ModelConfig:
     blocks: list[int] | None = None  # None: the backbone's default_blocks
     steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
     noise_seed: int = DEFAULT_NOISE_SEED
+    include_image: bool = False  # the clean image as one more (full-resolution) input of the head
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_tokens: int = DEFAULT_MAX_TOKENS
     use_text: bool = True
@@ -108,7 +109,8 @@ class TextDiffModel(torch.nn.Module):
         """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given."""
         device = torch.device(device or default_device())
         unet = unet if unet is not None else frozen_backbone(config.backbone, str(device))
-        features = DiffusionFeatures(unet, config.blocks, config.steps, config.noise_seed, config.precision)
+        features = DiffusionFeatures(unet, config.blocks, config.steps, config.noise_seed, config.precision,
+                                     include_image=config.include_image)
         config.blocks = list(features.blocks)
         if config.window % features.multiple:
             raise ValueError(f"window {config.window} must be divisible by {features.multiple} for this backbone")

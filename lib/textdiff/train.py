@@ -38,6 +38,8 @@ class TrainConfig:
     seed: int = 0
     variants: int = 1  # image-space variants extracted per image (1..8); more = better invariance, more extraction
     feature_augment: bool = True
+    text_dropout: float = 0.5  # chance a window is trained without its report: keeps the head from memorising
+    # images by their (nearly unique) reports, so text is used where it carries information
     lambda_dice: float = 1.5
     cache_dir: str | None = None  # also keep extracted features on disk (fp16 safetensors), reused across runs
 
@@ -93,7 +95,7 @@ class FeatureCache:
         self.extractions = 0  # backbone forwards run (windows), for tests and reports
         c = model.config
         self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
-                                     c.scale, c.precision])
+                                     c.scale, c.precision, c.include_image])
 
     def key(self, sample: Sample, variant: int) -> str:
         digest = hashlib.sha256(self.signature.encode())
@@ -262,7 +264,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
                 masks.append(m)
             feats = [torch.stack([f[k] for f in feats]).to(model.device).float() for k in range(len(feats[0]))]
             target = torch.stack(masks)[:, None].to(model.device)
-            tokens, mask = model.text_tokens([w.report for w in chunk])
+            reports = [None if rng.random() < config.text_dropout else w.report for w in chunk]
+            tokens, mask = model.text_tokens(reports)
             loss = loss_fn(model.head_logits(feats, tokens, mask, head=trained), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
