@@ -83,6 +83,7 @@ def client(tmp_path, tiny_model, lvit_folder, monkeypatch):
     monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
     monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", conf)
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)  # tests refresh explicitly
     clear_cache()
     from monailabel.app import app
 

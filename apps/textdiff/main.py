@@ -59,7 +59,17 @@ class TextDiffApp(MONAILabelApp):
             raise HTTPException(404, f"unknown model {request.get('model')!r}; available: {', '.join(self._infers)}")
         image = request.get("image")
         store = datastore or self.datastore()
-        if isinstance(image, str) and not os.path.exists(image) and image not in store.list_images():
+        if isinstance(image, str) and not os.path.exists(image) and image not in _list_images(store):
             raise HTTPException(404, f"unknown image id {image!r}")
         request["image_id"] = image  # the base class swaps the id for a path; the report needs the id
         return super().infer(request, datastore)
+
+
+def _list_images(datastore, attempts: int = 5) -> list[str]:
+    """The datastore's file watcher may change its dict while we read it ('dictionary changed size')."""
+    for _ in range(attempts - 1):
+        try:
+            return datastore.list_images()
+        except RuntimeError:
+            continue
+    return datastore.list_images()

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -145,13 +146,14 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
     from monailabel.config import settings
 
     app_dir = Path(__file__).resolve().parents[2] / "apps" / "textdiff"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         studies = Path(tmp) / "studies"
         studies.mkdir()
         shutil.copy(tile, studies / "tile.png")
         settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(app_dir), str(studies)
         settings.MONAI_LABEL_APP_CONF = {"model": model_dir, "model_dir": str(Path(tmp) / "published")}
         settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+        settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False  # no file watcher racing the clean-up
         os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
         from monailabel.app import app
 
@@ -178,12 +180,13 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
     samples = read_lvit(data / "Train_Folder")
     result: dict = {"device": f"{model.device.type} ({platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads)", "backbone": backbone}
-    if "extract" not in skip:
-        result |= bench_extract(model, _windows(samples, model, windows))
-    if "train" not in skip:
-        result |= bench_train(config, data, epochs, reference_steps)
-    if "infer" not in skip:
-        result |= bench_infer(model_dir, samples[0].image)
+    parts = {"extract": lambda: bench_extract(model, _windows(samples, model, windows)),
+             "train": lambda: bench_train(config, data, epochs, reference_steps),
+             "infer": lambda: bench_infer(model_dir, samples[0].image)}
+    for name, measure in parts.items():
+        if name not in skip:
+            result |= measure()
+            print(f"benchmark {name}: {json.dumps(result)}", file=sys.stderr, flush=True)  # partial results survive
     return result
 
 
