@@ -78,6 +78,9 @@ def test_slicer_sequence_against_real_server(tmp_path, tiny_model, lvit_folder):
         client.save_label("case_1", str(tmp_path / "case_1.nii.gz"), tag="final")
 
         client.train_start("textdiff", {"max_epochs": 2})
+        # infers keep answering while the training subprocess runs; they serve the old model until the publish
+        during = [client.infer("textdiff", "case_2", {"report": "x"})[1]["model"] for _ in range(3)]
+        assert all("initial" in m or "published" in m for m in during)
 
         def trained():
             status = client.train_status()
