@@ -134,7 +134,8 @@ def plots() -> None:
         ax.set_xlabel("labeled training images")
         ax.set_ylabel("per-image mean Dice")
         ax.set_title(dataset)
-        ax.legend()
+        if ax.containers:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(OUT / f"{dataset}_label_efficiency.png")
         plt.close(fig)
