@@ -212,3 +212,25 @@ def test_volume_inference_keeps_geometry(tiny_model, tmp_path):
     assert np.allclose(written.GetSpacing(), ref.GetSpacing())
     assert np.allclose(written.GetOrigin(), ref.GetOrigin())
     assert np.allclose(written.GetDirection(), ref.GetDirection())
+
+
+def test_shipped_model_loads_with_its_own_backbone():
+    """The shipped head was trained on the shipped backbone: same fingerprint, no mismatch warning."""
+    import json
+    import warnings
+
+    from textdiff.model import SHIPPED_MODEL, TextDiffModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = TextDiffModel.load("default", "cpu")
+    stored = json.loads((SHIPPED_MODEL / "config.json").read_text())
+    assert model.config.backbone_fingerprint == stored["backbone_fingerprint"]
+    label = model.predict(read_image_array(np.zeros((64, 80, 3), np.uint8)))
+    assert label.shape == (64, 80)
+
+
+def read_image_array(array):
+    from textdiff.data import Image
+
+    return Image(array, sitk.GetImageFromArray(array, isVector=True), False)

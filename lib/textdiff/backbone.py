@@ -205,12 +205,7 @@ class DiffusionFeatures(nn.Module):
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes the features (weights, blocks, steps, noise) for cache keys."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.unet.state_dict().items()):
-            digest.update(name.encode())
-            flat = tensor.detach().float().flatten()
-            digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
-            digest.update(str(float(flat.sum())).encode())
+        digest = weights_digest(self.unet).copy()
         digest.update(json.dumps([self.blocks, self.steps, self.noise_seed, self.precision, self.include_image]).encode())
         return digest.hexdigest()[:16]
 
@@ -252,6 +247,22 @@ class DiffusionFeatures(nn.Module):
         if self.include_image:
             out.append(x)
         return out
+
+
+def weights_digest(unet):
+    """Digest of a frozen UNet's weights, computed once per module (the shared backbone is rebuilt into a new model
+    at every publish; hashing a large checkpoint each time would stall the server)."""
+    cached = getattr(unet, "_textdiff_digest", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(unet.state_dict().items()):
+            digest.update(name.encode())
+            flat = tensor.detach().float().flatten()
+            digest.update(flat[:: max(1, flat.numel() // 4096)].cpu().numpy().tobytes())
+            digest.update(str(float(flat.sum())).encode())
+        cached = digest
+        unet._textdiff_digest = cached  # frozen: requires_grad is off and nothing writes to it
+    return cached  # a hashlib object: callers .copy() it before adding their own fields
 
 
 def naive_features(unet, x: torch.Tensor, blocks, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED) -> list[torch.Tensor]:

@@ -77,6 +77,7 @@ def _reference_train_steps(model: TextDiffModel, samples: list[Sample], steps: i
     from monai.losses import DiceCELoss
 
     from . import preprocess
+    from .data import read_mask
 
     c = model.config
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.5)
@@ -87,8 +88,6 @@ def _reference_train_steps(model: TextDiffModel, samples: list[Sample], steps: i
     for sample in samples:
         image = read_image(sample.image)
         x = model.prepare(image.array)
-        from .data import read_mask
-
         y = preprocess.prepare_mask(read_mask(sample.mask), c.scale)[0]
         for i in range(0, x.shape[-2] - c.window + 1, c.window):
             for j in range(0, x.shape[-1] - c.window + 1, c.window):

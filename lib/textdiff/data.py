@@ -101,9 +101,7 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image:
 
 def normalize_mask(array: np.ndarray, num_classes: int = 2, name: str = "mask") -> np.ndarray:
     """A label map (H, W) or (D, H, W) of uint8 class indices from {0,255}, {0,1} or 0..C-1 data."""
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[-1] in (3, 4) and not array.shape[0] == array.shape[1] == array.shape[2]:
-        array = array[..., 0]  # RGB(A) mask: channels are equal for a grey mask saved as colour
+    array = np.asarray(array)  # colour masks are reduced to one channel by read_mask, which knows the pixel type
     if not np.issubdtype(array.dtype, np.integer):
         if not np.isfinite(array).all() or not np.all(np.mod(array, 1) == 0):
             raise ValueError(f"{name} is not a label map: it holds non-integer values")
