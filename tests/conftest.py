@@ -39,7 +39,7 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
 def tiny_model(tiny_unet_dir, tiny_encoder_dir):
     from textdiff.model import ModelConfig, TextDiffModel
 
-    config = ModelConfig(backbone=str(tiny_unet_dir), text_encoder=str(tiny_encoder_dir), window=32, head_dim=16,
+    config = ModelConfig(backbone=str(tiny_unet_dir), text_encoder=str(tiny_encoder_dir), window=32, tile=64, head_dim=16,
                          precision="fp32")
     torch.manual_seed(0)
     return TextDiffModel.build(config, "cpu")

@@ -29,7 +29,7 @@ def test_decoder_numbering_matches_adm_layout():
         unet = UNet2DModel(**data["diffusers_unet2d_config"])
     names = [name for name, _ in decoder_units(unet)]
     assert names == [data["output_block_to_diffusers_module"][str(i)] for i in range(len(names))]
-    assert default_blocks(unet) == (7, 10, 13, 17)
+    assert default_blocks(unet) == (7, 10, 13, 14)  # 14: the last upsampler, at full resolution
 
 
 def test_early_exit_and_batching_equal_full_naive_forward():
@@ -106,12 +106,12 @@ def test_embedded_default_encoder_loads_offline():
 # ----- head -----------------------------------------------------------------------------------------------------------
 def _features():
     torch.manual_seed(1)
-    return [torch.randn(2, 12, 8, 8), torch.randn(2, 6, 16, 16)]
+    return [torch.randn(2, 12, 4, 4), torch.randn(2, 6, 16, 16)]
 
 
 def test_text_changes_output_and_no_text_switch_removes_it():
     torch.manual_seed(0)
-    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[2, 1]).eval()
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1]).eval()
     feats = _features()
     text_a, text_b = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     out_a, out_b = head(feats, text_a), head(feats, text_b)
@@ -126,9 +126,23 @@ def test_text_changes_output_and_no_text_switch_removes_it():
     torch.testing.assert_close(head(feats, text_a, empty), head(feats, None))
 
 
+def test_text_min_stride_selects_the_scales_that_attend():
+    feats = _features()
+    text_a, text_b = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    torch.manual_seed(0)
+    coarse_only = FusionHead([12, 6], text_dim=32, dim=16, strides=[8, 1], text_min_stride=16).eval()
+    torch.testing.assert_close(coarse_only(feats, text_a), coarse_only(feats, text_b))  # no scale attends
+    torch.manual_seed(0)
+    every_scale = FusionHead([12, 6], text_dim=32, dim=16, strides=[8, 1], text_min_stride=1).eval()
+    assert every_scale.attends == [True, True]
+    every_scale.fuse_text[0] = torch.nn.Identity()  # only the full-resolution scale attends now
+    every_scale.attends[0] = False
+    assert not torch.allclose(every_scale(feats, text_a), every_scale(feats, text_b))
+
+
 def test_padding_tokens_do_not_change_result():
     torch.manual_seed(0)
-    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[2, 1]).eval()
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1]).eval()
     feats = _features()
     text = torch.randn(2, 5, 32)
     padded = torch.cat([text, torch.randn(2, 7, 32)], dim=1)
@@ -152,6 +166,18 @@ def test_tiling_returns_input_size_and_matches_single_window(tiny_model):
     assert tiny_model.predict_proba(odd, None).shape == (2, 45, 70)
     tiny_model.config.scale = 0.5
     assert tiny_model.predict_proba(odd, "x").shape == (2, 45, 70)
+
+
+def test_images_larger_than_a_tile_go_in_several_tiles(tiny_model, monkeypatch):
+    seen = []
+    forward = tiny_model.features.forward
+    monkeypatch.setattr(tiny_model.features, "forward", lambda x: seen.extend([tuple(x.shape[-2:])] * len(x)) or forward(x))
+    image = np.random.default_rng(0).integers(0, 255, (150, 100, 3), dtype=np.uint8)
+    assert tiny_model.predict_proba(image, None).shape == (2, 150, 100)
+    assert set(seen) == {(64, 64)} and len(seen) >= 4  # tile = 64 in the fixture
+    seen.clear()
+    tiny_model.predict_proba(image[:58, :37], None)
+    assert seen == [(58, 38)]  # one forward, padded only to the backbone's multiple (2 here)
 
 
 def test_save_load_roundtrip(tiny_model, tmp_path):

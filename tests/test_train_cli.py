@@ -8,7 +8,7 @@ import pytest
 
 from textdiff.cli import main
 from textdiff.data import read_image, read_lvit
-from textdiff.train import FeatureCache, TrainConfig, grid_starts, train
+from textdiff.train import FeatureCache, TrainConfig, grid_starts, tile_layout, train
 
 
 def test_grid_starts_cover_with_minimal_overlap():
@@ -18,17 +18,26 @@ def test_grid_starts_cover_with_minimal_overlap():
     assert grid_starts(512, 256) == [0, 256]
 
 
+def test_tile_layout_pads_to_the_backbone_multiple_and_covers_the_image():
+    assert tile_layout((500, 500), 256, 512, 8) == ((504, 504), (504, 504), [(0, 0)])
+    assert tile_layout((100, 300), 256, 512, 8) == ((256, 304), (256, 304), [(0, 0)])
+    padded, sides, starts = tile_layout((1000, 700), 256, 512, 32)
+    assert padded == (1024, 704) and sides == (512, 512)
+    assert {i for i, _ in starts} == {0, 512} and {j for _, j in starts} == {0, 192}
+
+
 def test_cache_is_used_on_second_epoch_and_across_runs(tiny_model, lvit_folder, tmp_path):
     samples = read_lvit(lvit_folder)
     cache = FeatureCache(tiny_model, tmp_path / "cache")
     summary = train(tiny_model, samples[:2], samples[2:], tmp_path / "model", TrainConfig(epochs=2, batch_size=4),
                     progress=False, cache=cache)
-    windows = summary["windows"] + 9  # 96x96 crops, 32-px windows: 9 per validation image
-    assert cache.extractions == windows  # each window extracted once, not once per epoch
+    tiles = 3 * 4  # 96x96 crops in 64-px tiles: 4 per image (2 training images, 1 validation)
+    assert cache.extractions == tiles  # each tile extracted once, not once per epoch
+    assert summary["windows"] == 2 * 9  # each epoch cuts about as many 32-px windows as cover the images
     assert summary["epochs_run"] == 2 and len(summary["history"]) == 2
     # a second run in the same process reuses memory; a new cache object reads the disk copy
     train(tiny_model, samples[:2], samples[2:], tmp_path / "model", TrainConfig(epochs=1), progress=False, cache=cache)
-    assert cache.extractions == windows
+    assert cache.extractions == tiles
     fresh = FeatureCache(tiny_model, tmp_path / "cache")
     train(tiny_model, samples[:2], samples[2:], tmp_path / "model", TrainConfig(epochs=1), progress=False, cache=fresh)
     assert fresh.extractions == 0

@@ -1,8 +1,8 @@
 """Few-shot training of the fusion head on cached frozen features.
 
-Each training image is cut into windows at the working scale; the frozen features of every window (and of every
-image-space augmentation variant) are extracted once and cached in fp16, so an epoch only runs the head. Cheap
-feature-space flips/rotations are added on top of the cached variants.
+The frozen features of every training image at the working scale (in tiles of ``config.tile``, usually the whole
+image, and of every image-space augmentation variant) are extracted once and cached in fp16, so an epoch only runs
+the head, on random windows cut from those feature maps. Cheap feature-space flips/rotations are added on top.
 """
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ class TrainConfig:
 
 
 @dataclass
-class Window:
-    features: list[torch.Tensor]  # fp16, one per block
-    mask: torch.Tensor  # (window, window) long
+class Tile:
+    """Frozen features of one backbone tile (the whole working image when it fits ``config.tile``)."""
+    features: list[torch.Tensor]  # fp16, one (C, h, w) map per block
+    mask: torch.Tensor  # (tile_h, tile_w) long, working scale
     report: str | None
 
 
 @dataclass
 class CachedImage:
     name: str
-    windows: list[Window]
+    tiles: list[Tile]
     starts: list[tuple[int, int]]
     scaled_size: tuple[int, int]
     truth: np.ndarray  # native-size label map, for validation
@@ -68,11 +69,22 @@ def grid_starts(length: int, window: int) -> list[int]:
     return sorted({round(i * (length - window) / (n - 1)) for i in range(n)})
 
 
-def _pad_to(x: torch.Tensor, window: int, value=0) -> torch.Tensor:
+def tile_layout(size_hw: tuple[int, int], window: int, tile: int, multiple: int):
+    """Padded size and tile boxes of a working image: padded to >= window and to the backbone's multiple, cut into
+    tiles of at most ``tile`` (aligned to ``multiple``) with as little overlap as possible."""
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+    padded = tuple(up(max(n, window)) for n in size_hw)
+    sides = tuple(min(p, up(max(tile, window))) for p in padded)
+    starts = [(i, j) for i in grid_starts(padded[0], sides[0]) for j in grid_starts(padded[1], sides[1])]
+    return padded, sides, starts
+
+
+def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
     h, w = x.shape[-2:]
-    if h >= window and w >= window:
+    if (h, w) == tuple(size_hw):
         return x
-    return torch.nn.functional.pad(x, (0, max(0, window - w), 0, max(0, window - h)), value=value)
+    return torch.nn.functional.pad(x, (0, size_hw[1] - w, 0, size_hw[0] - h), value=value)
 
 
 def _dihedral(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
@@ -81,7 +93,7 @@ def _dihedral(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
 
 
 class FeatureCache:
-    """Frozen window features keyed by image content + everything that shapes them; in memory, optionally on disk.
+    """Frozen tile features keyed by image content + everything that shapes them; in memory, optionally on disk.
 
     Only features are cached: masks and reports are read afresh on every ``get``, so an edited label or report is
     used at once while the expensive part is reused.
@@ -92,10 +104,10 @@ class FeatureCache:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.batch_size = batch_size
         self.memory: dict[str, tuple[list[list[torch.Tensor]], list[tuple[int, int]], tuple[int, int]]] = {}
-        self.extractions = 0  # backbone forwards run (windows), for tests and reports
+        self.extractions = 0  # backbone forwards run (tiles), for tests and reports
         c = model.config
         self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
-                                     c.scale, c.precision, c.include_image])
+                                     c.tile, c.scale, c.precision, c.include_image])
 
     def key(self, sample: Sample, variant: int) -> str:
         digest = hashlib.sha256(self.signature.encode())
@@ -103,33 +115,40 @@ class FeatureCache:
         digest.update(str(variant).encode())
         return digest.hexdigest()[:24]
 
-    def get(self, sample: Sample, variant: int = 0) -> CachedImage:
-        model, window = self.model, self.model.config.window
+    def get(self, sample: Sample, variant: int = 0, keep: bool = True) -> CachedImage:
+        """Features of one image (extracted, or read from memory/disk). ``keep=False`` with a cache folder leaves
+        them on disk only: validation sets are read back per validation instead of held in memory."""
+        model, c = self.model, self.model.config
         image = read_image(sample.image)
         if image.is_volume:
             raise ValueError(f"{sample.image.name}: training takes 2D images (cut volumes into slices first)")
-        truth = read_mask(sample.mask, model.config.num_classes)
+        truth = read_mask(sample.mask, c.num_classes)
         if truth.shape != image.size_hw:
             raise ValueError(f"{sample.mask.name}: mask size {truth.shape} differs from image size {image.size_hw}")
         key = self.key(sample, variant)
-        if key not in self.memory:
-            self.memory[key] = (self._load_disk(key) if self.cache_dir else None) or self._extract(image, variant)
-            if self.cache_dir and not (self.cache_dir / f"{key}.safetensors").is_file():
-                self._save_disk(key, *self.memory[key])
-        features, starts, scaled = self.memory[key]
+        entry = self.memory.get(key) or (self._load_disk(key) if self.cache_dir else None)
+        if entry is None:
+            entry = self._extract(image, variant)
+            if self.cache_dir:
+                self._save_disk(key, *entry)
+        if keep or not self.cache_dir:
+            self.memory[key] = entry
+        features, starts, scaled = entry
         turns, flip = VARIANTS[variant]
-        y = _pad_to(_dihedral(preprocess.prepare_mask(truth, model.config.scale), turns, flip)[0], window)
-        windows = [Window(f, y[i:i + window, j:j + window].clone(), sample.report) for f, (i, j) in zip(features, starts)]
-        return CachedImage(sample.name, windows, starts, scaled, truth)
+        y = _dihedral(preprocess.prepare_mask(truth, c.scale), turns, flip)[0]
+        padded, sides, _ = tile_layout(tuple(y.shape), c.window, c.tile, model.features.multiple)
+        y = _pad_to(y, padded)
+        tiles = [Tile(f, y[i:i + sides[0], j:j + sides[1]].clone(), sample.report) for f, (i, j) in zip(features, starts)]
+        return CachedImage(sample.name, tiles, starts, scaled, truth)
 
     def _extract(self, image, variant: int):
-        model, window = self.model, self.model.config.window
+        model, c = self.model, self.model.config
         turns, flip = VARIANTS[variant]
         x = _dihedral(model.prepare(image.array), turns, flip)
         scaled = tuple(x.shape[-2:])
-        x = _pad_to(x, window)
-        starts = [(i, j) for i in grid_starts(x.shape[-2], window) for j in grid_starts(x.shape[-1], window)]
-        crops = [x[:, i:i + window, j:j + window] for i, j in starts]
+        padded, sides, starts = tile_layout(scaled, c.window, c.tile, model.features.multiple)
+        x = _pad_to(x, padded)
+        crops = [x[:, i:i + sides[0], j:j + sides[1]] for i, j in starts]
         features = []
         for b in range(0, len(crops), self.batch_size):
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
@@ -140,7 +159,7 @@ class FeatureCache:
 
     def _save_disk(self, key: str, features, starts, scaled) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"w{i}.f{b}": f for i, window in enumerate(features) for b, f in enumerate(window)}
+        tensors = {f"t{i}.f{b}": f for i, tile in enumerate(features) for b, f in enumerate(tile)}
         meta = {"starts": json.dumps(starts), "scaled": json.dumps(scaled), "blocks": str(len(features[0]))}
         _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
 
@@ -154,11 +173,11 @@ class FeatureCache:
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata()
             tensors = load_file(str(path))
-        except Exception:  # a damaged cache file is recomputed, never trusted
+            starts = [tuple(s) for s in json.loads(meta["starts"])]
+            blocks = int(meta["blocks"])
+            features = [[tensors[f"t{i}.f{b}"] for b in range(blocks)] for i in range(len(starts))]
+        except Exception:  # a damaged or foreign cache file is recomputed, never trusted
             return None
-        starts = [tuple(s) for s in json.loads(meta["starts"])]
-        blocks = int(meta["blocks"])
-        features = [[tensors[f"w{i}.f{b}"] for b in range(blocks)] for i in range(len(starts))]
         return features, starts, tuple(json.loads(meta["scaled"]))
 
 
@@ -167,37 +186,57 @@ def _augment(feats: list[torch.Tensor], mask: torch.Tensor, rng: random.Random):
     return [_dihedral(f, turns, flip) for f in feats], _dihedral(mask, turns, flip)
 
 
-def _epoch_batches(windows: list[Window], batch_size: int, steps: int, rng: random.Random):
-    """``steps`` shuffled batches; a rank with fewer windows than others cycles through its own again."""
-    order: list[int] = []
+def _covering_count(size_hw, window: int) -> int:
+    return math.ceil(size_hw[0] / window) * math.ceil(size_hw[1] / window)
+
+
+def random_windows(images: list[CachedImage], window: int, strides: list[int], rng: random.Random):
+    """One epoch of training windows: about as many random ``window``-sized crops per image as cover it, from its
+    tiles in random order, at positions aligned to the coarsest feature stride so every block's map is cut exactly."""
+    align = max(strides)
+    for image in images:
+        order = rng.sample(image.tiles, len(image.tiles))  # every tile once before any twice
+        for k in range(_covering_count(image.scaled_size, window)):
+            tile = order[k % len(order)]
+            h, w = tile.mask.shape
+            i = align * rng.randint(0, (h - window) // align)
+            j = align * rng.randint(0, (w - window) // align)
+            feats = [f[:, i // s:(i + window) // s, j // s:(j + window) // s] for f, s in zip(tile.features, strides)]
+            yield feats, tile.mask[i:i + window, j:j + window], tile.report
+
+
+def _epoch_batches(images: list[CachedImage], window: int, strides: list[int], batch_size: int, steps: int,
+                   rng: random.Random):
+    """``steps`` batches of random windows; a rank with fewer windows than others draws more of its own."""
+    pending: list = []
     for _ in range(steps):
-        if len(order) < batch_size:
-            refill = list(range(len(windows)))
-            rng.shuffle(refill)
-            order += refill
-        batch, order = order[:batch_size], order[batch_size:]
-        yield [windows[i] for i in batch]
+        while len(pending) < batch_size:
+            epoch = list(random_windows(images, window, strides, rng))
+            rng.shuffle(epoch)
+            pending += epoch
+        batch, pending = pending[:batch_size], pending[batch_size:]
+        yield batch
 
 
-def validate(model: TextDiffModel, images: list[CachedImage], batch_size: int = 8) -> dict:
-    """Per-image mean Dice/IoU at native size from cached windows (stitched by averaging logits)."""
+def validate(model: TextDiffModel, images) -> dict:
+    """Per-image mean Dice/IoU at native size: the head on every whole tile, tiles stitched by averaging logits
+    (what inference does, up to the blending weights)."""
     model.head.eval()
-    window, num_classes = model.config.window, model.config.num_classes
+    num_classes = model.config.num_classes
     per_image = {}
     with torch.inference_mode():
         for image in images:
             h, w = image.scaled_size
-            H, W = max(h, window), max(w, window)
+            H = max(i + t.mask.shape[0] for t, (i, _) in zip(image.tiles, image.starts))
+            W = max(j + t.mask.shape[1] for t, (_, j) in zip(image.tiles, image.starts))
             logits = torch.zeros(num_classes, H, W)
             counts = torch.zeros(1, H, W)
-            for b in range(0, len(image.windows), batch_size):
-                chunk = image.windows[b:b + batch_size]
-                feats = [torch.stack([c.features[k] for c in chunk]).to(model.device) for k in range(len(chunk[0].features))]
-                tokens, mask = model.text_tokens([c.report for c in chunk])
-                out = model.head_logits(feats, tokens, mask).cpu()
-                for k, (i, j) in enumerate(image.starts[b:b + batch_size]):
-                    logits[:, i:i + window, j:j + window] += out[k]
-                    counts[:, i:i + window, j:j + window] += 1
+            tokens, mask = model.text_tokens([image.tiles[0].report])
+            for tile, (i, j) in zip(image.tiles, image.starts):
+                th, tw = tile.mask.shape
+                feats = [f[None].to(model.device) for f in tile.features]
+                logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw))[0].cpu()
+                counts[:, i:i + th, j:j + tw] += 1
             probs = torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
             label = preprocess.resize_to(probs, image.truth.shape).argmax(0).numpy()
             per_image[image.name] = dice_iou(label, image.truth, num_classes)
@@ -224,20 +263,26 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     val_samples = (val_samples or []) if rank == 0 else []
 
     bar = tqdm(total=len(mine) * config.variants + len(val_samples), desc="features", unit="img", disable=not progress)
-    windows: list[Window] = []
+    images: list[CachedImage] = []
     for sample in mine:
         for variant in range(config.variants):
-            windows += cache.get(sample, variant).windows
+            images.append(cache.get(sample, variant))
             bar.update()
+    # validation features stay on disk when there is a cache folder (a 200-image CXR set is ~7 GB in fp16)
+    stream_val = cache.cache_dir is not None
     val_images = []
     for sample in val_samples:
-        val_images.append(cache.get(sample, 0))
+        image = cache.get(sample, 0, keep=not stream_val)
+        val_images.append(None if stream_val else image)
         bar.update()
     bar.close()
+    features_s = time.time() - started
 
     head = model.head
     trained = head
-    steps_per_epoch = math.ceil(len(windows) / config.batch_size)
+    window, strides = model.config.window, model.feature_strides
+    n_windows = sum(_covering_count(image.scaled_size, window) for image in images)
+    steps_per_epoch = math.ceil(n_windows / config.batch_size)
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             head, device_ids=[model.device.index] if model.device.type == "cuda" else None)
@@ -254,17 +299,18 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     history = []
     epochs = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in epochs:
+        epoch_started = time.time()
         head.train()
         losses = []
-        for chunk in _epoch_batches(windows, config.batch_size, steps_per_epoch, rng):
+        for chunk in _epoch_batches(images, window, strides, config.batch_size, steps_per_epoch, rng):
             feats, masks = [], []
-            for w in chunk:
-                f, m = (_augment(w.features, w.mask, rng) if config.feature_augment else (w.features, w.mask))
+            for f, m, _ in chunk:
+                f, m = _augment(f, m, rng) if config.feature_augment else (f, m)
                 feats.append(f)
                 masks.append(m)
             feats = [torch.stack([f[k] for f in feats]).to(model.device).float() for k in range(len(feats[0]))]
             target = torch.stack(masks)[:, None].to(model.device)
-            reports = [None if rng.random() < config.text_dropout else w.report for w in chunk]
+            reports = [None if rng.random() < config.text_dropout else report for _, _, report in chunk]
             tokens, mask = model.text_tokens(reports)
             loss = loss_fn(model.head_logits(feats, tokens, mask, head=trained), target)
             optimizer.zero_grad(set_to_none=True)
@@ -272,9 +318,10 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        record = {"epoch": epoch, "loss": float(np.mean(losses))}
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": round(time.time() - epoch_started, 2)}
         if val_images:
-            record |= {k: v for k, v in validate(model, val_images).items() if k in ("dice", "iou")}
+            to_validate = (cache.get(s, 0, keep=False) for s in val_samples) if stream_val else val_images
+            record |= {k: v for k, v in validate(model, to_validate).items() if k in ("dice", "iou")}
             improved = record["dice"] > best["dice"]
         else:
             improved = not val_samples
@@ -295,8 +342,9 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     head.load_state_dict(best_state)
     head.eval()
     summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples), "world_size": world,
-               "val_images": len(val_images), "windows": len(windows), "wall_s": round(time.time() - started, 1),
-               "backbone_windows_extracted": cache.extractions, "config": config.__dict__, "history": history}
+               "val_images": len(val_images), "windows": n_windows, "wall_s": round(time.time() - started, 1),
+               "features_s": round(features_s, 1),
+               "backbone_tiles_extracted": cache.extractions, "config": config.__dict__, "history": history}
     if rank == 0:
         model.save(out_dir, extra=summary)
     return summary
