@@ -140,6 +140,18 @@ def test_text_min_stride_selects_the_scales_that_attend():
     assert not torch.allclose(every_scale(feats, text_a), every_scale(feats, text_b))
 
 
+def test_dihedral_augmentation_inside_the_head_equals_transforming_its_input():
+    from textdiff.head import rotate_flip
+
+    torch.manual_seed(0)
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1]).eval()
+    feats, text = _features(), torch.randn(2, 5, 32)
+    for turns, flip in ((1, False), (2, True), (3, True)):
+        moved = head([rotate_flip(f, turns, flip) for f in feats], text)
+        torch.testing.assert_close(head(feats, text, dihedral=(turns, flip)), moved, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(moved, head(feats, text), atol=1e-3)
+
+
 def test_padding_tokens_do_not_change_result():
     torch.manual_seed(0)
     head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1]).eval()

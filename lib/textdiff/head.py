@@ -92,10 +92,17 @@ class FusionHead(nn.Module):
         self.classifier = nn.Conv2d(out_dim, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor], text: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, dihedral: tuple[int, bool] | None = None) -> torch.Tensor:
+        """``dihedral`` = (quarter turns, horizontal flip) rotates/flips the features for training augmentation.
+        It is applied after the per-scale projection, which is pointwise in space (1x1 conv, GroupNorm, GELU) and so
+        commutes with it: the same result as transforming the input, on 16-64 channels instead of up to 576."""
         coarse, fine = [], []
         for i, feature in enumerate(features):
-            x = self.project[i](feature.to(self.project[i][0].weight.dtype))
+            if not torch.is_autocast_enabled(feature.device.type):  # under autocast the conv casts (once)
+                feature = feature.to(self.project[i][0].weight.dtype)
+            x = self.project[i](feature)
+            if dihedral is not None:
+                x = rotate_flip(x, *dihedral)
             if self.attends[i] and self.use_text and text is not None:
                 if mask is None:
                     mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
@@ -107,6 +114,11 @@ class FusionHead(nn.Module):
             size = fine[0].shape[-2:]
             x = self.refine(_resize(self.coarse_to_fine(x), size) + sum(_resize(f, size) for f in fine))
         return self.classifier(x)
+
+
+def rotate_flip(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+    return torch.flip(x, dims=(-1,)) if flip else x
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:

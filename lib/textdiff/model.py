@@ -185,11 +185,13 @@ class TextDiffModel(torch.nn.Module):
         tokens, mask = collate_tokens([self.encoder.embed(r) for r in reports], self.encoder.dim)
         return tokens.to(self.device), mask.to(self.device)
 
-    def head_logits(self, features: list[torch.Tensor], tokens=None, mask=None, size=None, head=None) -> torch.Tensor:
+    def head_logits(self, features: list[torch.Tensor], tokens=None, mask=None, size=None, head=None,
+                    dihedral=None) -> torch.Tensor:
         """Head logits upsampled to the window size (under the model's precision: bf16 halves CPU time).
-        ``head`` may be a wrapper of ``self.head`` (DistributedDataParallel while training)."""
+        ``head`` may be a wrapper of ``self.head`` (DistributedDataParallel while training); ``dihedral`` is a
+        training augmentation (see ``FusionHead.forward``)."""
         with _autocast(self.device, resolve_precision(self.config.precision, self.device)):
-            logits = (head or self.head)(features, tokens, mask)
+            logits = (head or self.head)(features, tokens, mask, dihedral)
         size = size or self.config.window
         return torch.nn.functional.interpolate(logits.float(), size=(size, size) if isinstance(size, int) else size,
                                                mode="bilinear", align_corners=False)

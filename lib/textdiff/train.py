@@ -1,7 +1,7 @@
 """Few-shot training of the fusion head on cached frozen features.
 
 The frozen features of every training image at the working scale (in tiles of ``config.tile``, usually the whole
-image, and of every image-space augmentation variant) are extracted once and cached in fp16, so an epoch only runs
+image, and of every image-space augmentation variant) are extracted once and cached in 16 bits, so an epoch only runs
 the head, on random windows cut from those feature maps. Cheap feature-space flips/rotations are added on top.
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from . import distributed, preprocess
 from .data import Sample, read_image, read_mask
+from .head import rotate_flip
 from .metrics import dice_iou
+from .backbone import resolve_precision
 from .model import TextDiffModel, _atomic_write
 
 # Dihedral variants applied to the image before feature extraction: (number of 90° turns, horizontal flip).
@@ -41,13 +43,13 @@ class TrainConfig:
     text_dropout: float = 0.5  # chance a window is trained without its report: keeps the head from memorising
     # images by their (nearly unique) reports, so text is used where it carries information
     lambda_dice: float = 1.5
-    cache_dir: str | None = None  # also keep extracted features on disk (fp16 safetensors), reused across runs
+    cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
 
 
 @dataclass
 class Tile:
     """Frozen features of one backbone tile (the whole working image when it fits ``config.tile``)."""
-    features: list[torch.Tensor]  # fp16, one (C, h, w) map per block
+    features: list[torch.Tensor]  # fp16/bf16, one (C, h, w) map per block
     mask: torch.Tensor  # (tile_h, tile_w) long, working scale
     report: str | None
 
@@ -87,11 +89,6 @@ def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, size_hw[1] - w, 0, size_hw[0] - h), value=value)
 
 
-def _dihedral(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
-    x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
-    return torch.flip(x, dims=(-1,)) if flip else x
-
-
 class FeatureCache:
     """Frozen tile features keyed by image content + everything that shapes them; in memory, optionally on disk.
 
@@ -106,8 +103,10 @@ class FeatureCache:
         self.memory: dict[str, tuple[list[list[torch.Tensor]], list[tuple[int, int]], tuple[int, int]]] = {}
         self.extractions = 0  # backbone forwards run (tiles), for tests and reports
         c = model.config
+        # 16-bit storage; bf16 where the head runs in bf16, so autocast does not copy the widest maps once more
+        self.dtype = torch.bfloat16 if resolve_precision(c.precision, model.device) == "bf16" else torch.float16
         self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
-                                     c.tile, c.scale, c.precision, c.include_image])
+                                     c.tile, c.scale, c.precision, c.include_image, str(self.dtype)])
 
     def key(self, sample: Sample, variant: int) -> str:
         digest = hashlib.sha256(self.signature.encode())
@@ -135,7 +134,7 @@ class FeatureCache:
             self.memory[key] = entry
         features, starts, scaled = entry
         turns, flip = VARIANTS[variant]
-        y = _dihedral(preprocess.prepare_mask(truth, c.scale), turns, flip)[0]
+        y = rotate_flip(preprocess.prepare_mask(truth, c.scale), turns, flip)[0]
         padded, sides, _ = tile_layout(tuple(y.shape), c.window, c.tile, model.features.multiple)
         y = _pad_to(y, padded)
         tiles = [Tile(f, y[i:i + sides[0], j:j + sides[1]].clone(), sample.report) for f, (i, j) in zip(features, starts)]
@@ -144,7 +143,7 @@ class FeatureCache:
     def _extract(self, image, variant: int):
         model, c = self.model, self.model.config
         turns, flip = VARIANTS[variant]
-        x = _dihedral(model.prepare(image.array), turns, flip)
+        x = rotate_flip(model.prepare(image.array), turns, flip)
         scaled = tuple(x.shape[-2:])
         padded, sides, starts = tile_layout(scaled, c.window, c.tile, model.features.multiple)
         x = _pad_to(x, padded)
@@ -154,7 +153,7 @@ class FeatureCache:
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
             feats = model.features(batch)
             self.extractions += batch.shape[0]
-            features += [[f[k].half().cpu() for f in feats] for k in range(batch.shape[0])]
+            features += [[f[k].to(self.dtype).cpu() for f in feats] for k in range(batch.shape[0])]
         return features, starts, scaled
 
     def _save_disk(self, key: str, features, starts, scaled) -> None:
@@ -179,11 +178,6 @@ class FeatureCache:
         except Exception:  # a damaged or foreign cache file is recomputed, never trusted
             return None
         return features, starts, tuple(json.loads(meta["scaled"]))
-
-
-def _augment(feats: list[torch.Tensor], mask: torch.Tensor, rng: random.Random):
-    turns, flip = rng.randrange(4), rng.random() < 0.5
-    return [_dihedral(f, turns, flip) for f in feats], _dihedral(mask, turns, flip)
 
 
 def _covering_count(size_hw, window: int) -> int:
@@ -268,7 +262,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         for variant in range(config.variants):
             images.append(cache.get(sample, variant))
             bar.update()
-    # validation features stay on disk when there is a cache folder (a 200-image CXR set is ~7 GB in fp16)
+    # validation features stay on disk when there is a cache folder (a 200-image CXR set is ~7 GB in 16 bits)
     stream_val = cache.cache_dir is not None
     val_images = []
     for sample in val_samples:
@@ -303,16 +297,15 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         head.train()
         losses = []
         for chunk in _epoch_batches(images, window, strides, config.batch_size, steps_per_epoch, rng):
-            feats, masks = [], []
-            for f, m, _ in chunk:
-                f, m = _augment(f, m, rng) if config.feature_augment else (f, m)
-                feats.append(f)
-                masks.append(m)
-            feats = [torch.stack([f[k] for f in feats]).to(model.device).float() for k in range(len(feats[0]))]
-            target = torch.stack(masks)[:, None].to(model.device)
+            feats = [torch.stack([f[k] for f, _, _ in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
+            target = torch.stack([m for _, m, _ in chunk])[:, None].to(model.device)
+            dihedral = None
+            if config.feature_augment:  # one flip/rotation per batch, applied inside the head (cheaper there)
+                dihedral = (rng.randrange(4), rng.random() < 0.5)
+                target = rotate_flip(target, *dihedral)
             reports = [None if rng.random() < config.text_dropout else report for _, _, report in chunk]
             tokens, mask = model.text_tokens(reports)
-            loss = loss_fn(model.head_logits(feats, tokens, mask, head=trained), target)
+            loss = loss_fn(model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
