@@ -170,6 +170,12 @@ def write_markdown(runs: dict, summary: dict) -> None:
         lines.append("")
     lines += ["## Ablations (one seed)", "", "| run | Dice / IoU |", "|---|---|"]
     lines += [f"| {name} | {_cell(runs, name)} |" for name in sorted(runs) if "ablation" in name]
+    lines += ["", "## Recipe", "",
+              "TextDiff runs: the shipped model's recipe (default blocks, steps 50/150/250, 256 px tiles and windows),",
+              "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; 10 epochs on MoNuSeg, max(10, min(50, 3000 // n))",
+              "epochs on COVID-QU-Ex; best epoch selected on the evaluation set (as the issue asks). Each run's JSON in",
+              "`docs/results/runs/` holds its epochs, best epoch and wall time; a best epoch equal to the last one means",
+              "the run was still improving."]
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
 
     readme = ROOT / "README.md"
