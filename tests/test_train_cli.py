@@ -46,6 +46,17 @@ def test_cache_is_used_on_second_epoch_and_across_runs(tiny_model, lvit_folder, 
     assert FeatureCache(tiny_model).key(samples[0], 0) != cache.key(samples[0], 0)
 
 
+def test_unwritable_feature_cache_costs_the_cache_not_the_training(tiny_model, lvit_folder, tmp_path):
+    samples = read_lvit(lvit_folder)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="feature cache not written"):
+        summary = train(tiny_model, samples[:2], samples[2:], tmp_path / "model", TrainConfig(epochs=2),
+                        progress=False, cache=FeatureCache(tiny_model, blocked))
+    assert summary["epochs_run"] == 2 and summary["best"]["dice"] is not None
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
 def test_training_learns_on_real_crops(tiny_model, lvit_folder, tmp_path):
     """Even a tiny random backbone + head separates nuclei from background well above chance."""
     samples = read_lvit(lvit_folder)

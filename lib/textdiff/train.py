@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,12 @@ class FeatureCache:
         if entry is None:
             entry = self._extract(image, variant)
             if self.cache_dir:
-                self._save_disk(key, *entry)
+                try:
+                    self._save_disk(key, *entry)
+                except Exception as error:  # a full disk costs the cache, never the training
+                    if keep is False:
+                        keep = True  # it cannot be read back: hold it in memory instead
+                    warnings.warn(f"feature cache not written to {self.cache_dir} ({error}); continuing without it")
         if keep or not self.cache_dir:
             self.memory[key] = entry
         features, starts, scaled = entry
