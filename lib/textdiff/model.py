@@ -108,7 +108,11 @@ class TextDiffModel(torch.nn.Module):
         self.features = features
         self.encoder = encoder
         self.head = head
-        self.feature_strides = list(features.spec().strides)
+
+    @functools.cached_property
+    def feature_strides(self) -> list[int]:
+        """Input size / feature size per hooked block (training cuts windows aligned to the coarsest)."""
+        return list(self.features.spec().strides)
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod
