@@ -8,7 +8,8 @@ import pytest
 
 from textdiff.cli import main
 from textdiff.data import read_image, read_lvit
-from textdiff.train import FeatureCache, TrainConfig, grid_starts, tile_layout, train
+from textdiff.preprocess import grid_starts, tile_layout
+from textdiff.train import FeatureCache, TrainConfig, train
 
 
 def test_grid_starts_cover_with_minimal_overlap():

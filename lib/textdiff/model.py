@@ -220,8 +220,8 @@ class TextDiffModel(torch.nn.Module):
             m = mask.expand(n, -1) if mask is not None else None
             return self.head_logits(feats, t, m, size=windows.shape[-2:])
 
-        c, multiple = self.config, self.features.multiple
-        roi = [min(-(-c.tile // multiple) * multiple, -(-max(n, c.window) // multiple) * multiple) for n in x.shape[-2:]]
+        c = self.config
+        _, roi, _ = preprocess.tile_layout(tuple(x.shape[-2:]), c.window, c.tile, self.features.multiple)
         logits = sliding_window_inference(x, roi, sw_batch_size, predictor,
                                           overlap=self.config.overlap, mode="gaussian", padding_mode="constant")
         probs = torch.softmax(logits[0].float(), dim=0)

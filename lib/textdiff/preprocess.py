@@ -5,6 +5,8 @@ folder's config, so the three can never disagree.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,3 +64,22 @@ def prepare(plane: np.ndarray, in_channels: int, scale: float, value_range=None)
 def prepare_mask(mask: np.ndarray, scale: float) -> torch.Tensor:
     """(H, W) class indices -> (1, h, w) at the working scale."""
     return rescale(torch.from_numpy(np.ascontiguousarray(mask)).long()[None], scale, mode="nearest-exact")
+
+
+def grid_starts(length: int, window: int) -> list[int]:
+    """Window starts covering [0, length) with as little overlap as possible."""
+    if length <= window:
+        return [0]
+    n = math.ceil(length / window)
+    return sorted({round(i * (length - window) / (n - 1)) for i in range(n)})
+
+
+def tile_layout(size_hw: tuple[int, int], window: int, tile: int, multiple: int):
+    """Padded size, tile sides and tile starts of a working image: padded to >= window and to the backbone's
+    multiple, cut into tiles of at most ``tile`` (sides a multiple of ``multiple``) overlapping as little as possible."""
+    def up(n: int) -> int:
+        return -(-n // multiple) * multiple
+    padded = tuple(up(max(n, window)) for n in size_hw)
+    sides = tuple(min(p, up(max(tile, window))) for p in padded)
+    starts = [(i, j) for i in grid_starts(padded[0], sides[0]) for j in grid_starts(padded[1], sides[1])]
+    return padded, sides, starts

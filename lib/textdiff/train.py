@@ -27,6 +27,7 @@ from .data import Sample, read_image, read_mask
 from .head import rotate_flip
 from .metrics import dice_iou
 from .backbone import resolve_precision
+from .preprocess import tile_layout
 from .model import TextDiffModel, _atomic_write
 
 # Dihedral variants applied to the image before feature extraction: (number of 90° turns, horizontal flip).
@@ -62,25 +63,6 @@ class CachedImage:
     starts: list[tuple[int, int]]
     scaled_size: tuple[int, int]
     truth: np.ndarray  # native-size label map, for validation
-
-
-def grid_starts(length: int, window: int) -> list[int]:
-    """Window starts covering [0, length) with as little overlap as possible."""
-    if length <= window:
-        return [0]
-    n = math.ceil(length / window)
-    return sorted({round(i * (length - window) / (n - 1)) for i in range(n)})
-
-
-def tile_layout(size_hw: tuple[int, int], window: int, tile: int, multiple: int):
-    """Padded size, tile sides and tile starts of a working image: padded to >= window and to the backbone's
-    multiple, cut into tiles of at most ``tile`` (sides a multiple of ``multiple``) overlapping as little as possible."""
-    def up(n: int) -> int:
-        return -(-n // multiple) * multiple
-    padded = tuple(up(max(n, window)) for n in size_hw)
-    sides = tuple(min(p, up(max(tile, window))) for p in padded)
-    starts = [(i, j) for i in grid_starts(padded[0], sides[0]) for j in grid_starts(padded[1], sides[1])]
-    return padded, sides, starts
 
 
 def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
