@@ -65,15 +65,16 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="defau
             "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1)}
 
 
-def run_unet(dataset: str, n: int, seed: int, minutes: float = 10.0) -> dict:
+def run_unet(dataset: str, n: int, seed: int, steps: int = 3000) -> dict:
     from unet_baseline import evaluate_unet, train_unet
 
     train_all, val = splits(dataset)
     chosen = subset(train_all, n, seed)
-    net = train_unet(chosen, scale_of(dataset), minutes=minutes, seed=seed)
+    start = time.time()
+    net = train_unet(chosen, scale_of(dataset), steps=steps, seed=seed)
     result = evaluate_unet(net, val, scale_of(dataset))
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
-            "steps": net.steps_trained, "minutes": minutes}
+            "steps": net.steps_trained, "wall_s": round(time.time() - start, 1)}
 
 
 def record_model(name: str, model_dir: str) -> dict:

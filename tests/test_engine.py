@@ -272,3 +272,51 @@ def read_image_array(array):
     from textdiff.data import Image
 
     return Image(array, sitk.GetImageFromArray(array, isVector=True), False)
+
+
+def test_upsampler_input_is_what_the_upsampler_turns_into_its_output():
+    unet = tiny_unet_model()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    blocks = default_blocks(unet)  # (0, 1): unit 1 is up block 0's upsampler
+    name, upsampler = decoder_units(unet)[blocks[-1]]
+    assert name.endswith("upsamplers.0")
+    after = DiffusionFeatures(unet, blocks, precision="fp32")
+    before = DiffusionFeatures(unet, blocks, precision="fp32", upsampler_input=True)
+    assert before.spec().upsample == (False, True) and after.spec().upsample == (False, False)
+    assert before.spec().strides[-1] == 2 * after.spec().strides[-1]
+    pre, post = before(x), after(x)
+    torch.testing.assert_close(pre[0], post[0])
+    steps, width = len(before.steps), pre[-1].shape[1] // len(before.steps)
+    with torch.no_grad():
+        for s in range(steps):  # per step, the upsampler maps the hooked input onto the output it replaces
+            chunk = slice(s * width, (s + 1) * width)
+            torch.testing.assert_close(upsampler(pre[-1][:, chunk]), post[-1][:, chunk], rtol=1e-4, atol=1e-5)
+    for f, r in zip(pre, naive_features(unet, x, blocks, upsampler_input=True)):  # fast path = reference loop
+        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-5)
+    calls = []
+    upsampler.register_forward_hook(lambda *a: calls.append(1))
+    before(x)
+    assert calls == []  # the early exit stops before the upsampling convolution
+    after(x)
+    assert calls == [1]
+
+
+def test_learned_upsampling_head_and_its_augmentation():
+    from textdiff.head import rotate_flip
+
+    torch.manual_seed(0)
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 2], upsample=[False, True]).eval()
+    assert head.fine == [False, True]  # the upsampler's input joins at full resolution
+    feats, text = [torch.randn(2, 12, 4, 4), torch.randn(2, 6, 8, 8)], torch.randn(2, 5, 32)
+    assert head(feats, text).shape == (2, 2, 16, 16)
+    for turns, flip in ((1, False), (2, True), (3, True)):
+        moved = head([rotate_flip(f, turns, flip) for f in feats], text)
+        torch.testing.assert_close(head(feats, text, dihedral=(turns, flip)), moved,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_models_saved_before_upsampler_input_keep_hooking_outputs():
+    from textdiff.model import ModelConfig
+
+    assert ModelConfig.from_dict({}).upsampler_input is True  # new models
+    assert ModelConfig.from_dict({"feature_channels": [4, 8]}).upsampler_input is False  # a trained, older config

@@ -124,6 +124,7 @@ class FeatureSpec:
     blocks: tuple[int, ...]
     channels: tuple[int, ...]  # per block, after concatenation over steps
     strides: tuple[int, ...]  # input size / feature size, per block
+    upsample: tuple[bool, ...] = ()  # per block: an upsampler's input, which the head upsamples 2x itself
 
 
 def _autocast(device: torch.device, precision: str):
@@ -157,10 +158,16 @@ class DiffusionFeatures(nn.Module):
 
     ``forward(x)`` takes images in [-1, 1], shape (B, C, H, W) with H, W divisible by the UNet's total
     downsampling, and returns one tensor per hooked block, shape (B, len(steps) * C_block, h, w), step-major.
+
+    ``upsampler_input``: a hooked unit that ends with an upsampler gives the upsampler's *input* instead of its
+    output. The output (nearest 2x + a 3x3 conv) holds no information its input lacks, at 4x the values: the head
+    learns the 2x upsampling itself (``FeatureSpec.upsample``), the backbone stops before its costliest
+    full-resolution convolution, and a cached feature map is 4x smaller.
     """
 
     def __init__(self, unet, blocks=None, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED,
-                 precision: str = "fp32", early_exit: bool = True, include_image: bool = False):
+                 precision: str = "fp32", early_exit: bool = True, include_image: bool = False,
+                 upsampler_input: bool = False):
         super().__init__()
         from diffusers import DDPMScheduler
 
@@ -180,6 +187,8 @@ class DiffusionFeatures(nn.Module):
         self.precision = precision
         self.early_exit = early_exit
         self.include_image = include_image  # append the clean input as one more full-resolution map
+        self.upsampler_input = upsampler_input
+        self.upsample = tuple(upsampler_input and self.units[b][0].endswith("upsamplers.0") for b in self.blocks)
         self._noise: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -203,7 +212,8 @@ class DiffusionFeatures(nn.Module):
         size = max(size, self.multiple)
         x = torch.zeros(1, self.in_channels, size, size, device=self.device)
         feats = self.forward(x)
-        return FeatureSpec(self.blocks, tuple(f.shape[1] for f in feats), tuple(size // f.shape[-1] for f in feats))
+        return FeatureSpec(self.blocks, tuple(f.shape[1] for f in feats), tuple(size // f.shape[-1] for f in feats),
+                           self.upsample + ((False,) if self.include_image else ()))
 
     @property
     def device(self) -> torch.device:
@@ -212,7 +222,9 @@ class DiffusionFeatures(nn.Module):
     def fingerprint(self) -> str:
         """Hash of everything that shapes the features (weights, blocks, steps, noise) for cache keys."""
         digest = weights_digest(self.unet).copy()
-        digest.update(json.dumps([self.blocks, self.steps, self.noise_seed, self.precision, self.include_image]).encode())
+        fields = [self.blocks, self.steps, self.noise_seed, self.precision, self.include_image]
+        fields += [self.upsample] if any(self.upsample) else []  # fingerprints of models hooking outputs unchanged
+        digest.update(json.dumps(fields).encode())
         return digest.hexdigest()[:16]
 
     @torch.inference_mode()
@@ -233,12 +245,14 @@ class DiffusionFeatures(nn.Module):
         captured: dict[int, torch.Tensor] = {}
         deepest = max(self.blocks)
         handles = []
-        for b in set(self.blocks):
-            def hook(_module, _inputs, output, b=b):
-                captured[b] = output[0] if isinstance(output, tuple) else output
+        for b, before_upsampling in zip(self.blocks, self.upsample):
+            def hook(_module, inputs, output=None, b=b):
+                value = inputs[0] if output is None else output
+                captured[b] = value[0] if isinstance(value, tuple) else value
                 if self.early_exit and b == deepest:
                     raise _StopForward
-            handles.append(self.units[b][1].register_forward_hook(hook))
+            module = self.units[b][1]
+            handles.append(module.register_forward_pre_hook(hook) if before_upsampling else module.register_forward_hook(hook))
         try:
             with _autocast(device, resolve_precision(self.precision, device)):
                 self.unet(x_t, t)
@@ -272,7 +286,9 @@ def weights_digest(unet):
     return cached  # a hashlib object: callers .copy() it before adding their own fields
 
 
-def naive_features(unet, x: torch.Tensor, blocks, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED) -> list[torch.Tensor]:
+def naive_features(unet, x: torch.Tensor, blocks, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED,
+                   upsampler_input: bool = False) -> list[torch.Tensor]:
     """Reference loop (one full fp32 forward per step, hooks, no early exit): for tests and the benchmark."""
-    per_step = [DiffusionFeatures(unet, blocks, (t,), noise_seed, "fp32", early_exit=False)(x) for t in steps]
+    per_step = [DiffusionFeatures(unet, blocks, (t,), noise_seed, "fp32", early_exit=False,
+                                  upsampler_input=upsampler_input)(x) for t in steps]
     return [torch.cat([p[i] for p in per_step], dim=1) for i in range(len(per_step[0]))]

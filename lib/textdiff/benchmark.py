@@ -48,9 +48,10 @@ def _windows(samples: list[Sample], model: TextDiffModel, count: int) -> torch.T
 
 def bench_extract(model: TextDiffModel, windows: torch.Tensor, repeats: int = 2) -> dict:
     unet, c = model.features.unet, model.config
-    fast = DiffusionFeatures(unet, c.blocks, c.steps, c.noise_seed, precision=c.precision)
+    fast = DiffusionFeatures(unet, c.blocks, c.steps, c.noise_seed, precision=c.precision,
+                             upsampler_input=c.upsampler_input)
     fast(windows[:1])  # warm-up (allocator, autocast caches)
-    naive_features(unet, windows[:1], c.blocks, c.steps, c.noise_seed)
+    naive_features(unet, windows[:1], c.blocks, c.steps, c.noise_seed, c.upsampler_input)
 
     def timed(fn):
         best = float("inf")
@@ -61,11 +62,11 @@ def bench_extract(model: TextDiffModel, windows: torch.Tensor, repeats: int = 2)
             best = min(best, time.perf_counter() - start)
         return best, out
 
-    naive_s, _ = timed(lambda x: naive_features(unet, x, c.blocks, c.steps, c.noise_seed))
+    naive_s, _ = timed(lambda x: naive_features(unet, x, c.blocks, c.steps, c.noise_seed, c.upsampler_input))
     fast_s, _ = timed(fast)
     diffs = []
     for k in range(windows.shape[0]):
-        a = naive_features(unet, windows[k:k + 1], c.blocks, c.steps, c.noise_seed)
+        a = naive_features(unet, windows[k:k + 1], c.blocks, c.steps, c.noise_seed, c.upsampler_input)
         b = fast(windows[k:k + 1])
         diffs += [float((x - y).norm() / x.norm()) for x, y in zip(a, b)]
     n = windows.shape[0]
@@ -94,7 +95,8 @@ def _reference_train_steps(model: TextDiffModel, samples: list[Sample], steps: i
         for i in range(0, x.shape[-2] - c.window + 1, c.window):
             for j in range(0, x.shape[-1] - c.window + 1, c.window):
                 window = x[None, :, i:i + c.window, j:j + c.window]
-                feats = naive_features(model.features.unet, window, c.blocks, c.steps, c.noise_seed)
+                feats = naive_features(model.features.unet, window, c.blocks, c.steps, c.noise_seed,
+                                       c.upsampler_input)
                 feats += [window] if c.include_image else []
                 tokens, mask = model.text_tokens([sample.report])
                 logits = model.head_logits(feats, tokens, mask)

@@ -24,6 +24,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="report token budget (default 64)")
     p.add_argument("--no-text", action="store_true", help="train the same head without the report (ablation)")
     p.add_argument("--include-image", action="store_true", help="also feed the clean image to the head")
+    p.add_argument("--upsampler-output", action="store_true",
+                   help="hook upsampler units' outputs, not their inputs (the head then does not learn the 2x "
+                        "upsampling; 4x larger cached map, slower extraction)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--text-min-stride", type=int, default=4,
                    help="scales at least this coarse attend to the report (default 4; 1 = every scale, as in the paper)")
@@ -52,7 +55,7 @@ def cmd_train(args) -> int:
     if scale is None:
         scale = 0.5 if min(read_image(samples[0].image).size_hw) >= 768 else 1.0
     config = ModelConfig(backbone=args.backbone, blocks=args.blocks, steps=args.steps, text_encoder=args.text_encoder,
-                         include_image=args.include_image,
+                         include_image=args.include_image, upsampler_input=not args.upsampler_output,
                          max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, tile=args.tile,
                          scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision,

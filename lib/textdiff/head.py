@@ -58,20 +58,27 @@ class FusionHead(nn.Module):
     scale, when hooked, joins last through a narrow (``fine_dim``) 3x3 block. Every 1x1 map is applied *before*
     resizing (the two commute), so nothing wide is ever upsampled: the head trains ~4x faster on CPU than a
     concatenate-then-convolve head of the same shape. Callers upsample the logits to the window size.
+
+    A scale flagged in ``upsample`` is a backbone upsampler's input (see ``DiffusionFeatures``): its projection is a
+    learned 2x upsampling (a stride-2 2x2 transposed conv, i.e. one linear map per output sub-pixel) and it joins
+    at half its stride, as the upsampler's output would have.
     """
 
     def __init__(self, in_channels: list[int], text_dim: int, num_classes: int = 2, dim: int = 64, heads: int = 4,
                  use_text: bool = True, strides: list[int] | None = None, text_min_stride: int = 4,
-                 fuse_dim: int = 32, fine_dim: int = 16):
+                 fuse_dim: int = 32, fine_dim: int = 16, upsample: list[bool] | None = None):
         super().__init__()
         self.use_text = use_text
+        self.upsample = list(upsample) if upsample else [False] * len(in_channels)
         strides = list(strides) if strides is not None else [2] * len(in_channels)
+        strides = [s // 2 if up else s for s, up in zip(strides, self.upsample)]  # where each scale joins
         self.fine = [s == 1 for s in strides]
         if all(self.fine):  # nothing coarse: treat every scale as coarse
             self.fine = [False] * len(strides)
         dims = [fine_dim if f else dim for f in self.fine]
         self.project = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, d, 1), _norm(d), nn.GELU()) for c, d in zip(in_channels, dims))
+            nn.Sequential(nn.ConvTranspose2d(c, d, 2, stride=2) if up else nn.Conv2d(c, d, 1), _norm(d), nn.GELU())
+            for c, d, up in zip(in_channels, dims, self.upsample))
         self.fuse_text = nn.ModuleList(
             ReportCrossAttention(d, text_dim, max(1, min(heads, d // 16))) if s >= text_min_stride else nn.Identity()
             for d, s in zip(dims, strides))
@@ -95,13 +102,16 @@ class FusionHead(nn.Module):
                 mask: torch.Tensor | None = None, dihedral: tuple[int, bool] | None = None) -> torch.Tensor:
         """``dihedral`` = (quarter turns, horizontal flip) rotates/flips the features for training augmentation.
         It is applied after the per-scale projection, which is pointwise in space (1x1 conv, GroupNorm, GELU) and so
-        commutes with it: the same result as transforming the input, on 16-64 channels instead of up to 576."""
+        commutes with it: the same result as transforming the input, on 16-64 channels instead of up to 576. A learned
+        upsampling does not commute (its sub-pixel layout would turn too), so those scales are turned before it."""
         coarse, fine = [], []
         for i, feature in enumerate(features):
             if not torch.is_autocast_enabled(feature.device.type):  # under autocast the conv casts (once)
                 feature = feature.to(self.project[i][0].weight.dtype)
+            if dihedral is not None and self.upsample[i]:
+                feature = rotate_flip(feature, *dihedral)
             x = self.project[i](feature)
-            if dihedral is not None:
+            if dihedral is not None and not self.upsample[i]:
                 x = rotate_flip(x, *dihedral)
             if self.attends[i] and self.use_text and text is not None:
                 if mask is None:

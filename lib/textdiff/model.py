@@ -42,6 +42,8 @@ class ModelConfig:
     steps: list[int] = field(default_factory=lambda: list(DEFAULT_STEPS))
     noise_seed: int = DEFAULT_NOISE_SEED
     include_image: bool = False  # the clean image as one more (full-resolution) input of the head
+    upsampler_input: bool = True  # hooked upsampler units give their input; the head learns the 2x upsampling
+    # (same information, 4x smaller cached map, backbone stops earlier; see DiffusionFeatures)
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_tokens: int = DEFAULT_MAX_TOKENS
     use_text: bool = True
@@ -71,6 +73,9 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        data = dict(data)
+        if "feature_channels" in data:  # a trained model from before the field existed hooked upsampler outputs
+            data.setdefault("upsampler_input", False)
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -121,7 +126,7 @@ class TextDiffModel(torch.nn.Module):
         device = torch.device(device or default_device())
         unet = unet if unet is not None else frozen_backbone(config.backbone, str(device))
         features = DiffusionFeatures(unet, config.blocks, config.steps, config.noise_seed, config.precision,
-                                     include_image=config.include_image)
+                                     include_image=config.include_image, upsampler_input=config.upsampler_input)
         config.blocks = list(features.blocks)
         for name in ("window", "tile"):
             if getattr(config, name) % features.multiple:
@@ -140,7 +145,8 @@ class TextDiffModel(torch.nn.Module):
                           f"(fingerprint {fingerprint} != {config.backbone_fingerprint}); results may be off")
         config.backbone_fingerprint = fingerprint
         head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
-                          config.head_heads, config.use_text, list(spec.strides), config.text_min_stride).to(device)
+                          config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
+                          upsample=list(spec.upsample)).to(device)
         return cls(config, features, encoder, head)
 
     @classmethod
