@@ -47,6 +47,29 @@ def test_cache_is_used_on_second_epoch_and_across_runs(tiny_model, lvit_folder, 
     assert FeatureCache(tiny_model).key(samples[0], 0) != cache.key(samples[0], 0)
 
 
+def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model, lvit_folder, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from textdiff.train import map_safetensors
+
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(2, 2, 2).half(), "c": torch.randn(7)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"k": "v"})
+    mapped, meta = map_safetensors(tmp_path / "t.safetensors")
+    assert meta == {"k": "v"} and set(mapped) == set(tensors)
+    for name, tensor in tensors.items():
+        assert mapped[name].dtype == tensor.dtype and torch.equal(mapped[name], tensor)
+
+    sample = read_lvit(lvit_folder)[0]
+    on_disk = FeatureCache(tiny_model, tmp_path / "cache").get(sample)
+    in_memory = FeatureCache(tiny_model).get(sample)
+    for a, b in zip(on_disk.tiles, in_memory.tiles):
+        for x, y in zip(a.features, b.features):
+            assert torch.equal(x, y)
+            assert not x.untyped_storage().resizable()  # a view of the file's map, not a copy in RAM
+            assert y.untyped_storage().resizable()
+
+
 def test_unwritable_feature_cache_costs_the_cache_not_the_training(tiny_model, lvit_folder, tmp_path):
     samples = read_lvit(lvit_folder)
     blocked = tmp_path / "not-a-folder"

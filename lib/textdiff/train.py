@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+import mmap
 import random
 import time
 import warnings
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import distributed, preprocess
@@ -97,9 +98,9 @@ class FeatureCache:
         digest.update(str(variant).encode())
         return digest.hexdigest()[:24]
 
-    def get(self, sample: Sample, variant: int = 0, keep: bool = True) -> CachedImage:
-        """Features of one image (extracted, or read from memory/disk). ``keep=False`` with a cache folder leaves
-        them on disk only: validation sets are read back per validation instead of held in memory."""
+    def get(self, sample: Sample, variant: int = 0) -> CachedImage:
+        """Features of one image: extracted, or from memory or the cache folder. With a cache folder the features
+        are memory-mapped from it, so a feature set larger than RAM trains from the OS page cache."""
         model, c = self.model, self.model.config
         image = read_image(sample.image)
         if image.is_volume:
@@ -114,12 +115,10 @@ class FeatureCache:
             if self.cache_dir:
                 try:
                     self._save_disk(key, *entry)
+                    entry = self._load_disk(key) or entry  # mapped: RAM holds only the pages in use
                 except Exception as error:  # a full disk costs the cache, never the training
-                    if keep is False:
-                        keep = True  # it cannot be read back: hold it in memory instead
                     warnings.warn(f"feature cache not written to {self.cache_dir} ({error}); continuing without it")
-        if keep or not self.cache_dir:
-            self.memory[key] = entry
+        self.memory[key] = entry
         features, starts, scaled = entry
         turns, flip = VARIANTS[variant]
         y = rotate_flip(preprocess.prepare_mask(truth, c.scale), turns, flip)[0]
@@ -154,18 +153,36 @@ class FeatureCache:
         path = self.cache_dir / f"{key}.safetensors"
         if not path.is_file():
             return None
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata()
-            tensors = load_file(str(path))
+            tensors, meta = map_safetensors(path)
             starts = [tuple(s) for s in json.loads(meta["starts"])]
             blocks = int(meta["blocks"])
             features = [[tensors[f"t{i}.f{b}"] for b in range(blocks)] for i in range(len(starts))]
         except Exception:  # a damaged or foreign cache file is recomputed, never trusted
             return None
         return features, starts, tuple(json.loads(meta["scaled"]))
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a safetensors file as views of a private memory map: pages are read when used and
+    the OS may drop them again, unlike ``safetensors.torch.load_file``, which reads everything into RAM."""
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)  # copy-on-write: writable, file untouched
+    length = int.from_bytes(mapped[:8], "little")
+    header = json.loads(mapped[8:8 + length])
+    meta = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        dtype = _DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        flat = (torch.frombuffer(mapped, dtype=dtype, count=count, offset=8 + length + start) if count
+                else torch.empty(0, dtype=dtype))
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors, meta
 
 
 def _covering_count(size_hw, window: int) -> int:
@@ -250,12 +267,9 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         for variant in range(config.variants):
             images.append(cache.get(sample, variant))
             bar.update()
-    # validation features stay on disk when there is a cache folder (a 200-image CXR set is ~7 GB in 16 bits)
-    stream_val = cache.cache_dir is not None
     val_images = []
     for sample in val_samples:
-        image = cache.get(sample, 0, keep=not stream_val)
-        val_images.append(None if stream_val else image)
+        val_images.append(cache.get(sample, 0))
         bar.update()
     bar.close()
     features_s = time.time() - started
@@ -301,8 +315,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             losses.append(loss.item())
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": round(time.time() - epoch_started, 2)}
         if val_images:
-            to_validate = (cache.get(s, 0, keep=False) for s in val_samples) if stream_val else val_images
-            record |= {k: v for k, v in validate(model, to_validate).items() if k in ("dice", "iou")}
+            record |= {k: v for k, v in validate(model, val_images).items() if k in ("dice", "iou")}
             improved = record["dice"] > best["dice"]
         else:
             improved = not val_samples
