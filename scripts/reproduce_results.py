@@ -43,7 +43,21 @@ def subset(train, n: int, seed: int):
     return sorted(random.Random(seed).sample(train, n), key=lambda s: s.name) if n < len(train) else list(train)
 
 
-def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="default", epochs=None, **model_kw) -> dict:
+def recipe() -> dict:
+    """What shapes every TextDiff run besides its own arguments; a run file with another recipe is redone (and is
+    shown apart until then)."""
+    from textdiff.model import ModelConfig
+
+    return {"upsampler_input": ModelConfig().upsampler_input}
+
+
+def is_current(run: dict, name: str) -> bool:
+    # U-Net runs do not depend on the recipe; TextDiff runs written before the field existed hooked upsampler outputs
+    return "-unet-" in name or run.get("recipe", {"upsampler_input": False}) == recipe()
+
+
+def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="default", epochs=None, gallery=0,
+                 **model_kw) -> dict:
     from textdiff.evaluate import evaluate
     from textdiff.model import ModelConfig, TextDiffModel
     from textdiff.train import TrainConfig, train
@@ -60,9 +74,13 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="defau
         summary = train(model, chosen, val, out, TrainConfig(epochs=epochs, seed=seed,
                                                               cache_dir=str(ROOT / "runs" / "feature-cache")),
                         progress=True)
-        result = evaluate(TextDiffModel.load(out), val, progress=True, use_reports=use_text)
+        trained = TextDiffModel.load(out)
+        result = evaluate(trained, val, progress=True, use_reports=use_text)
+        if gallery:  # overlays of a few evaluation images for docs/results.md
+            evaluate(trained, val[:gallery], overlays=OUT / "gallery" / dataset, progress=False, use_reports=use_text)
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
-            "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1)}
+            "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1),
+            "recipe": recipe()}
 
 
 def run_unet(dataset: str, n: int, seed: int, steps: int = 3000) -> dict:
@@ -91,15 +109,18 @@ def record_model(name: str, model_dir: str) -> dict:
     summary = json.loads(training.read_text()) if training.is_file() else {}
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "model": str(model_dir),
             "train_images": summary.get("train_images"), "epochs": summary.get("epochs_run"),
-            "best_epoch": summary.get("best", {}).get("epoch"), "wall_s": summary.get("wall_s")}
+            "best_epoch": summary.get("best", {}).get("epoch"), "wall_s": summary.get("wall_s"),
+            "recipe": {"upsampler_input": model.config.upsampler_input}}
 
 
-def plan(only: str | None):
+def plan(only: str | None, seeds=SEEDS):
     runs = []
     for dataset, points in CURVES.items():
         for n in points:
             for seed in SEEDS:
-                runs.append((f"{dataset}-curve-textdiff-n{n}-s{seed}", run_textdiff, (dataset, n, seed), {}))
+                gallery = 3 if (n, seed) in ((24, 0), (300, 0)) else 0
+                runs.append((f"{dataset}-curve-textdiff-n{n}-s{seed}", run_textdiff, (dataset, n, seed),
+                             {"gallery": gallery}))
                 runs.append((f"{dataset}-curve-notext-n{n}-s{seed}", run_textdiff, (dataset, n, seed), {"use_text": False}))
                 runs.append((f"{dataset}-curve-unet-n{n}-s{seed}", run_unet, (dataset, n, seed), {}))
     for dataset, n in (("monuseg", 24), ("covid", 300)):
@@ -107,7 +128,8 @@ def plan(only: str | None):
                  (f"{dataset}-ablation-random-init", run_textdiff, (dataset, n, 0), {"backbone": "random"}),
                  (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10})]
     runs.append(("monuseg-ablation-scale-1.0", run_textdiff, ("monuseg", 24, 0), {"scale": 1.0}))
-    return [r for r in runs if not only or r[0].startswith(only)]
+    return [r for r in runs if (not only or r[0].startswith(only))
+            and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
 
 def plots() -> None:
@@ -117,7 +139,9 @@ def plots() -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    runs = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
+    every = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
+    runs = {name: run for name, run in every.items() if is_current(run, name)}
+    stale = {name: run for name, run in every.items() if name not in runs}
     summary = {}
     for dataset, points in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
@@ -140,8 +164,8 @@ def plots() -> None:
         fig.tight_layout()
         fig.savefig(OUT / f"{dataset}_label_efficiency.png")
         plt.close(fig)
-    (OUT / "summary.json").write_text(json.dumps({"curves": summary, "runs": runs}, indent=1))
-    write_markdown(runs, summary)
+    (OUT / "summary.json").write_text(json.dumps({"curves": summary, "runs": runs, "stale_runs": stale}, indent=1))
+    write_markdown(runs, summary, stale)
 
 
 def _cell(runs: dict, name: str) -> str:
@@ -149,7 +173,7 @@ def _cell(runs: dict, name: str) -> str:
     return f"{run['dice']:.4f} / {run['iou']:.4f}" if run else "not run yet"
 
 
-def write_markdown(runs: dict, summary: dict) -> None:
+def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
     lines = ["# Results", "", "Generated by `scripts/reproduce_results.py` from `docs/results/runs/*.json`; per-image",
              "mean foreground Dice / IoU from `textdiff evaluate`'s code path, default backbone and text encoder.", "",
@@ -171,8 +195,18 @@ def write_markdown(runs: dict, summary: dict) -> None:
         lines.append("")
     lines += ["## Ablations (one seed)", "", "| run | Dice / IoU |", "|---|---|"]
     lines += [f"| {name} | {_cell(runs, name)} |" for name in sorted(runs) if "ablation" in name]
+    gallery = sorted((OUT / "gallery").glob("*/*.png"))
+    if gallery:
+        lines += ["", "## Gallery", "", "Image, ground truth (green) and prediction (magenta) with the report the model "
+                  "read, from the runs `monuseg-curve-textdiff-n24-s0` and `covid-curve-textdiff-n300-s0`.", ""]
+        lines += [f"![{p.stem}](results/gallery/{p.parent.name}/{p.name})" for p in gallery]
+    if stale:
+        lines += ["", "## Runs of the previous recipe (upsampler outputs hooked), kept until redone", "",
+                  "| run | Dice / IoU |", "|---|---|"]
+        lines += [f"| {name} | {_cell(stale, name)} |" for name in sorted(stale)]
     lines += ["", "## Recipe", "",
-              "TextDiff runs: the shipped model's recipe (default blocks, steps 50/150/250, 256 px tiles and windows),",
+              "TextDiff runs: the shipped model's recipe (default blocks with upsampler inputs, steps 50/150/250, 256 px",
+              "tiles and windows; U-Net: MONAI UNet 16-256 channels, 3000 steps of 4 windows, same augmentation),",
               "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; 10 epochs on MoNuSeg, max(10, min(50, 3000 // n))",
               "epochs on COVID-QU-Ex; best epoch selected on the evaluation set (as the issue asks). Each run's JSON in",
               "`docs/results/runs/` holds its epochs, best epoch and wall time; a best epoch equal to the last one means",
@@ -188,9 +222,16 @@ def write_markdown(runs: dict, summary: dict) -> None:
         readme.write_text(text)
 
 
+def done(name: str) -> bool:
+    path = OUT / "runs" / f"{name}.json"
+    return path.is_file() and is_current(json.loads(path.read_text()), name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only runs whose name starts with this")
+    parser.add_argument("--seeds", type=lambda t: tuple(int(v) for v in t.split(",")), default=SEEDS,
+                        help="curve seeds to run (default 0,1,2), e.g. --seeds 0 for a first pass")
     parser.add_argument("--plots", action="store_true", help="only redraw plots and summary.json")
     parser.add_argument("--from-model", nargs=2, metavar=("RUN_NAME", "MODEL_DIR"),
                         help="record an existing model folder's evaluation under a run name")
@@ -200,13 +241,12 @@ def main() -> int:
         name, model_dir = args.from_model
         (OUT / "runs" / f"{name}.json").write_text(json.dumps(record_model(name, model_dir), indent=1))
     elif not args.plots:
-        todo = [r for r in plan(args.only) if not (OUT / "runs" / f"{r[0]}.json").is_file()]
+        todo = [r for r in plan(args.only, args.seeds) if not done(r[0])]
         for index, (name, fn, fn_args, kwargs) in enumerate(todo, 1):
             print(f"[{index}/{len(todo)}] {name}", flush=True)
             result = fn(*fn_args, **kwargs)
             (OUT / "runs" / f"{name}.json").write_text(json.dumps(result, indent=1))
-        print("all runs done" if not [r for r in plan(args.only) if not (OUT / "runs" / f"{r[0]}.json").is_file()]
-              else "some runs remain")
+        print("all runs done" if all(done(r[0]) for r in plan(args.only, args.seeds)) else "some runs remain")
     plots()
     return 0
 

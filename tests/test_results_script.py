@@ -31,10 +31,14 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb\n")
     for seed, dice in enumerate((0.7, 0.8)):
         (tmp_path / "docs/results/runs" / f"monuseg-curve-textdiff-n24-s{seed}.json").write_text(
-            json.dumps({"dice": dice, "iou": dice - 0.1}))
+            json.dumps({"dice": dice, "iou": dice - 0.1, "recipe": script.recipe()}))
+    # a run of an older recipe is shown apart and redone, not averaged in
+    (tmp_path / "docs/results/runs/monuseg-curve-textdiff-n12-s0.json").write_text(json.dumps({"dice": 0.1, "iou": 0.1}))
+    assert not script.done("monuseg-curve-textdiff-n12-s0") and script.done("monuseg-curve-textdiff-n24-s1")
     script.plots()
     summary = json.loads((tmp_path / "docs/results/summary.json").read_text())
     assert abs(summary["curves"]["monuseg/textdiff/24"]["mean"] - 0.75) < 1e-9
+    assert "monuseg/textdiff/12" not in summary["curves"] and "monuseg-curve-textdiff-n12-s0" in summary["stale_runs"]
     assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
     readme = (tmp_path / "README.md").read_text()
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
