@@ -48,12 +48,13 @@ def recipe() -> dict:
     shown apart until then)."""
     from textdiff.model import ModelConfig
 
-    return {"upsampler_input": ModelConfig().upsampler_input}
+    default = ModelConfig()
+    return {"upsampler_input": default.upsampler_input, "include_image": default.include_image}
 
 
 def is_current(run: dict, name: str) -> bool:
-    # U-Net runs do not depend on the recipe; TextDiff runs written before the field existed hooked upsampler outputs
-    return "-unet-" in name or run.get("recipe", {"upsampler_input": False}) == recipe()
+    # U-Net runs do not depend on the recipe; TextDiff runs written before the field existed had neither
+    return "-unet-" in name or run.get("recipe", {"upsampler_input": False, "include_image": False}) == recipe()
 
 
 def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="default", epochs=None, gallery=0,
@@ -110,7 +111,7 @@ def record_model(name: str, model_dir: str) -> dict:
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "model": str(model_dir),
             "train_images": summary.get("train_images"), "epochs": summary.get("epochs_run"),
             "best_epoch": summary.get("best", {}).get("epoch"), "wall_s": summary.get("wall_s"),
-            "recipe": {"upsampler_input": model.config.upsampler_input}}
+            "recipe": {"upsampler_input": model.config.upsampler_input, "include_image": model.config.include_image}}
 
 
 def plan(only: str | None, seeds=SEEDS):
@@ -201,12 +202,13 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
                   "read, from the runs `monuseg-curve-textdiff-n24-s0` and `covid-curve-textdiff-n300-s0`.", ""]
         lines += [f"![{p.stem}](results/gallery/{p.parent.name}/{p.name})" for p in gallery]
     if stale:
-        lines += ["", "## Runs of the previous recipe (upsampler outputs hooked), kept until redone", "",
+        lines += ["", "## Runs of a previous recipe (upsampler outputs hooked, no image input), kept until redone", "",
                   "| run | Dice / IoU |", "|---|---|"]
         lines += [f"| {name} | {_cell(stale, name)} |" for name in sorted(stale)]
     lines += ["", "## Recipe", "",
-              "TextDiff runs: the shipped model's recipe (default blocks with upsampler inputs, steps 50/150/250, 256 px",
-              "tiles and windows; U-Net: MONAI UNet 16-256 channels, 3000 steps of 4 windows, same augmentation),",
+              "TextDiff runs: the shipped model's recipe (default blocks with upsampler inputs, the clean image as one",
+              "more input, steps 50/150/250, 256 px tiles and windows; U-Net: MONAI UNet 16-256 channels, 3000 steps",
+              "of 4 windows, same augmentation),",
               "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; 10 epochs on MoNuSeg, max(10, min(50, 3000 // n))",
               "epochs on COVID-QU-Ex; best epoch selected on the evaluation set (as the issue asks). Each run's JSON in",
               "`docs/results/runs/` holds its epochs, best epoch and wall time; a best epoch equal to the last one means",

@@ -23,7 +23,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None, help="working scale (default: 0.5 for images >= 768 px, else 1)")
     p.add_argument("--max-tokens", type=int, default=64, help="report token budget (default 64)")
     p.add_argument("--no-text", action="store_true", help="train the same head without the report (ablation)")
-    p.add_argument("--include-image", action="store_true", help="also feed the clean image to the head")
+    p.add_argument("--include-image", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed the clean image to the head as one more full-resolution input (default; "
+                        "--no-include-image: backbone features only)")
     p.add_argument("--upsampler-output", action="store_true",
                    help="hook upsampler units' outputs, not their inputs (the head then does not learn the 2x "
                         "upsampling; 4x larger cached map, slower extraction)")
