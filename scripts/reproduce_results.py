@@ -128,7 +128,11 @@ def plan(only: str | None, seeds=SEEDS):
         runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
                  (f"{dataset}-ablation-random-init", run_textdiff, (dataset, n, 0), {"backbone": "random"}),
                  (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10})]
-    runs.append(("monuseg-ablation-scale-1.0", run_textdiff, ("monuseg", 24, 0), {"scale": 1.0}))
+    runs += [("monuseg-ablation-scale-1.0", run_textdiff, ("monuseg", 24, 0), {"scale": 1.0}),
+             ("monuseg-ablation-no-image", run_textdiff, ("monuseg", 24, 0), {"include_image": False}),
+             ("monuseg-ablation-upsampler-output", run_textdiff, ("monuseg", 24, 0), {"upsampler_input": False}),
+             ("monuseg-ablation-blocks-0-2-5", run_textdiff, ("monuseg", 24, 0), {"blocks": [0, 2, 5]}),
+             ("monuseg-ablation-blocks-4-5", run_textdiff, ("monuseg", 24, 0), {"blocks": [4, 5]})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
