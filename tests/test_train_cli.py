@@ -70,6 +70,16 @@ def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model,
             assert y.untyped_storage().resizable()
 
 
+def test_validation_every_n_epochs_and_after_the_last(tiny_model, lvit_folder, tmp_path):
+    samples = read_lvit(lvit_folder)
+    summary = train(tiny_model, samples[:2], samples[2:], tmp_path / "model", TrainConfig(epochs=5, val_every=2),
+                    progress=False)
+    assert [h["epoch"] for h in summary["history"] if "dice" in h] == [2, 4, 5]
+    assert summary["best"]["epoch"] in (2, 4, 5)
+    with pytest.raises(ValueError, match="val_every"):
+        train(tiny_model, samples[:2], [], tmp_path / "m2", TrainConfig(epochs=1, val_every=0), progress=False)
+
+
 def test_unwritable_feature_cache_costs_the_cache_not_the_training(tiny_model, lvit_folder, tmp_path):
     samples = read_lvit(lvit_folder)
     blocked = tmp_path / "not-a-folder"

@@ -68,6 +68,7 @@ def cmd_train(args) -> int:
     model = TextDiffModel.build(config, _device(args.device) or device)
     summary = train(model, samples, val, args.out,
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                val_every=args.val_every,
                                 variants=args.variants, cache_dir=args.cache_dir,
                                 feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout))
     teardown()
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     _add_model_options(p)
     p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--variants", type=int, default=1, help="image-space flip/rotation variants cached per image (1-8)")

@@ -47,6 +47,7 @@ class TrainConfig:
     # images by their (nearly unique) reports, so text is used where it carries information
     lambda_dice: float = 1.5
     cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
+    val_every: int = 1  # validate every this many epochs (and after the last): runs of many tiny epochs
 
 
 @dataclass
@@ -252,6 +253,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         raise ValueError("no labeled training images")
     if not 1 <= config.variants <= len(VARIANTS):
         raise ValueError(f"variants must be in 1..{len(VARIANTS)}")
+    if config.val_every < 1:
+        raise ValueError("val_every must be at least 1")
     rank, world = distributed.current()  # under torchrun / multi_gpu: images sharded, head in DDP, rank 0 validates
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + rank)
@@ -314,7 +317,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             scheduler.step()
             losses.append(loss.item())
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": round(time.time() - epoch_started, 2)}
-        if val_images:
+        stopping = should_stop is not None and should_stop()
+        if val_images and (epoch % config.val_every == 0 or epoch == config.epochs or stopping):
             record |= {k: v for k, v in validate(model, val_images).items() if k in ("dice", "iou")}
             improved = record["dice"] > best["dice"]
         else:
@@ -327,11 +331,11 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             best = {"dice": record.get("dice"), "iou": record.get("iou"), "epoch": epoch}  # None without validation
             best_state = copy.deepcopy(head.state_dict())
         history.append(record)
-        if val_images:
+        if "dice" in record:
             epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record['dice']:.3f}", best=f"{best['dice']:.3f}")
         else:
             epochs.set_postfix(loss=f"{record['loss']:.3f}")
-        if should_stop is not None and should_stop():
+        if stopping:
             break
     head.load_state_dict(best_state)
     head.eval()
