@@ -90,9 +90,20 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="defau
         result = evaluate(trained, val, progress=True, use_reports=use_text)
         if gallery:  # overlays of a few evaluation images for docs/results.md
             evaluate(trained, val[:gallery], overlays=OUT / "gallery" / dataset, progress=False, use_reports=use_text)
+            shrink_pngs(OUT / "gallery" / dataset)
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
             "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1),
             "recipe": recipe()}
+
+
+def shrink_pngs(folder: Path) -> None:
+    """256-colour palette PNGs: the gallery is committed, and contour overlays need no more colours."""
+    from PIL import Image
+
+    for path in folder.glob("*.png"):
+        with Image.open(path) as image:
+            small = image.convert("RGB").quantize(256)
+        small.save(path, optimize=True)
 
 
 def run_unet(dataset: str, n: int, seed: int, steps: int = 3000) -> dict:
