@@ -217,7 +217,12 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
             cells = []
             for method in ("textdiff", "notext", "unet"):
                 entry = summary.get(f"{dataset}/{method}/{n}")
-                cells.append(f"{entry['mean']:.4f} ± {entry['std']:.4f} ({entry['seeds']})" if entry else "not run yet")
+                if not entry:
+                    cells.append("not run yet")
+                elif entry["seeds"] == 1:  # no spread to show from one seed
+                    cells.append(f"{entry['mean']:.4f} (1 seed)")
+                else:
+                    cells.append(f"{entry['mean']:.4f} ± {entry['std']:.4f} ({entry['seeds']} seeds)")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Ablations (one seed)", "", "| run | Dice / IoU |", "|---|---|"]
