@@ -42,3 +42,18 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
     readme = (tmp_path / "README.md").read_text()
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
+
+
+def test_unet_baseline_trains_and_evaluates(lvit_folder):
+    """The baseline once broke silently (renamed imports); it must at least run end to end."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from unet_baseline import evaluate_unet, train_unet
+    from textdiff.data import read_lvit
+
+    samples = read_lvit(lvit_folder)
+    net = train_unet(samples[:2], scale=1.0, window=32, steps=2)
+    assert net.steps_trained == 2
+    result = evaluate_unet(net, samples[2:], scale=1.0, window=32)
+    assert result["n"] == len(samples[2:]) and 0.0 <= result["dice"] <= 1.0

@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .backbone import DiffusionFeatures, naive_features, resolve_precision
