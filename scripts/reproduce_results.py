@@ -50,12 +50,20 @@ def recipe() -> dict:
     from textdiff.model import ModelConfig
 
     default = ModelConfig()
-    return {"upsampler_input": default.upsampler_input, "include_image": default.include_image}
+    return {"upsampler_input": default.upsampler_input, "include_image": default.include_image,
+            "position": default.position}
 
 
 def is_current(run: dict, name: str) -> bool:
-    # U-Net runs do not depend on the recipe; TextDiff runs written before the field existed had neither
-    return "-unet-" in name or run.get("recipe", {"upsampler_input": False, "include_image": False}) == recipe()
+    # U-Net runs do not depend on the recipe; TextDiff runs written before the field existed had neither; the
+    # report's position input changes nothing without a report
+    old = run.get("recipe", {"upsampler_input": False, "include_image": False})
+    if "-unet-" in name:
+        return True
+    if "notext" in name:
+        return {k: v for k, v in old.items() if k != "position"} == {k: v for k, v in recipe().items()
+                                                                       if k != "position"}
+    return {"position": False, **old} == recipe()
 
 
 STEP_BUDGET = {"monuseg": 240, "covid": 1500}  # optimizer steps (batches of 4 windows) per TextDiff run
@@ -133,7 +141,8 @@ def record_model(name: str, model_dir: str) -> dict:
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "model": str(model_dir),
             "train_images": summary.get("train_images"), "epochs": summary.get("epochs_run"),
             "best_epoch": summary.get("best", {}).get("epoch"), "wall_s": summary.get("wall_s"),
-            "recipe": {"upsampler_input": model.config.upsampler_input, "include_image": model.config.include_image}}
+            "recipe": {"upsampler_input": model.config.upsampler_input, "include_image": model.config.include_image,
+                       "position": model.config.position}}
 
 
 def plan(only: str | None, seeds=SEEDS):
@@ -149,7 +158,8 @@ def plan(only: str | None, seeds=SEEDS):
     for dataset, n in (("monuseg", 24), ("covid", 300)):
         runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
                  (f"{dataset}-ablation-random-init", run_textdiff, (dataset, n, 0), {"backbone": "random"}),
-                 (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10})]
+                 (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10}),
+                 (f"{dataset}-ablation-no-position", run_textdiff, (dataset, n, 0), {"position": False})]
     runs += [("monuseg-ablation-scale-1.0", run_textdiff, ("monuseg", 24, 0), {"scale": 1.0}),
              ("monuseg-ablation-no-image", run_textdiff, ("monuseg", 24, 0), {"include_image": False}),
              ("monuseg-ablation-upsampler-output", run_textdiff, ("monuseg", 24, 0), {"upsampler_input": False}),
@@ -233,12 +243,14 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
                   "read, from the runs `monuseg-curve-textdiff-n24-s0` and `covid-curve-textdiff-n300-s0`.", ""]
         lines += [f"![{p.stem}](results/gallery/{p.parent.name}/{p.name})" for p in gallery]
     if stale:
-        lines += ["", "## Runs of a previous recipe (upsampler outputs hooked, no image input), kept until redone", "",
+        lines += ["", "## Runs of a previous recipe (no report positions, or older: upsampler outputs hooked, no image "
+                  "input), kept until redone", "",
                   "| run | Dice / IoU |", "|---|---|"]
         lines += [f"| {name} | {_cell(stale, name)} |" for name in sorted(stale)]
     lines += ["", "## Recipe", "",
               "TextDiff runs: the shipped model's recipe (default blocks with upsampler inputs, the clean image as one",
-              "more input, steps 50/150/250, 256 px tiles and windows; U-Net: MONAI UNet 16-256 channels, 3000 steps",
+              "more input, report attention told where each token lies in the image, steps 50/150/250, 256 px tiles",
+              "and windows; U-Net: MONAI UNet 16-256 channels, 3000 steps",
               "of 4 windows, same augmentation),",
               "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; a budget of 240 (MoNuSeg) / 1500 (COVID-QU-Ex)",
               "optimizer steps of 4 windows whatever the number of labels (at least 10 epochs; validation every",

@@ -152,6 +152,31 @@ def test_dihedral_augmentation_inside_the_head_equals_transforming_its_input():
         assert not torch.allclose(moved, head(feats, text), atol=1e-3)
 
 
+def test_report_attention_knows_where_the_window_lies_only_when_there_is_a_report():
+    torch.manual_seed(0)
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1], position=True).eval()
+    feats, text = _features(), torch.randn(2, 5, 32)
+    left, right = torch.tensor([[0.0, 0.0, 1.0, 0.5]] * 2), torch.tensor([[0.0, 0.5, 1.0, 1.0]] * 2)
+    assert not torch.allclose(head(feats, text, box=left), head(feats, text, box=right), atol=1e-4)
+    torch.testing.assert_close(head(feats, None, box=left), head(feats, None, box=right))  # no report: no effect
+    torch.testing.assert_close(head(feats, text), head(feats, text, box=torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)))
+
+
+def test_positions_follow_every_flip_and_turn_back_to_the_original_image():
+    from textdiff.head import _position_grid, rotate_flip
+    from textdiff.train import VARIANTS
+
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    original = _position_grid(whole, (1, 1, 4, 6), None, "cpu")
+    for turns, flip in VARIANTS:
+        shape = (1, 1, 6, 4) if turns % 2 else (1, 1, 4, 6)
+        # features of a turned image, positions given in its frame: mapped back, they equal the turned original grid
+        variant = _position_grid(whole, shape, None, "cpu", [(turns, flip)])
+        torch.testing.assert_close(variant, rotate_flip(original, turns, flip))
+        # the training augmentation (features turned inside the head) turns the grid with them the same way
+        torch.testing.assert_close(_position_grid(whole, shape, (turns, flip), "cpu"), variant)
+
+
 def test_padding_tokens_do_not_change_result():
     torch.manual_seed(0)
     head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1]).eval()

@@ -17,9 +17,12 @@ class ReportCrossAttention(nn.Module):
     fused CPU kernels are several times slower than a plain (N x L) softmax.
     """
 
-    def __init__(self, dim: int, text_dim: int, heads: int):
+    def __init__(self, dim: int, text_dim: int, heads: int, position: bool = False):
         super().__init__()
         self.heads = heads
+        # where each image token lies in the whole image: reports speak of places ("upper right", "lower left
+        # lung"), which a window or a flipped/rotated training sample cannot tell by itself
+        self.position = nn.Linear(2 * len(_FREQUENCIES) * 2 + 2, dim) if position else None
         self.norm_q = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(text_dim, 2 * dim)
@@ -27,11 +30,16 @@ class ReportCrossAttention(nn.Module):
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                grid: torch.Tensor | None = None) -> torch.Tensor:
+        """``grid`` (B, 2, h, w): each token's (y, x) in the whole image, 0..1 (needed when built with position)."""
         b, c, h, w = x.shape
         heads, d = self.heads, c // self.heads
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        q = self.to_q(self.norm_q(tokens)).reshape(b, -1, heads, d).transpose(1, 2)  # (B, h, N, d)
+        queries = self.norm_q(tokens)
+        if self.position is not None:  # position steers what a token asks of the report, nothing else
+            queries = queries + self.position(_fourier(grid.flatten(2).transpose(1, 2)).to(queries.dtype))
+        q = self.to_q(queries).reshape(b, -1, heads, d).transpose(1, 2)  # (B, h, N, d)
         k, v = self.to_kv(text).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
         has_text = mask.any(dim=1)
         # A sample without a report gets one dummy key (no NaN from an all-masked softmax) and its update is
@@ -67,7 +75,8 @@ class FusionHead(nn.Module):
 
     def __init__(self, in_channels: list[int], text_dim: int, num_classes: int = 2, dim: int = 64, heads: int = 4,
                  use_text: bool = True, strides: list[int] | None = None, text_min_stride: int = 4,
-                 fuse_dim: int = 32, fine_dim: int = 16, upsample: list[bool] | None = None):
+                 fuse_dim: int = 32, fine_dim: int = 16, upsample: list[bool] | None = None, fine_depth: int = 1,
+                 position: bool = False):
         super().__init__()
         self.use_text = use_text
         self.upsample = list(upsample) if upsample else [False] * len(in_channels)
@@ -82,7 +91,8 @@ class FusionHead(nn.Module):
             nn.Sequential(nn.Conv2d(c, d, 1), _norm(d), nn.GELU())
             for c, d, up in zip(in_channels, dims, self.upsample))
         self.fuse_text = nn.ModuleList(
-            ReportCrossAttention(d, text_dim, max(1, min(heads, d // 16))) if s >= text_min_stride else nn.Identity()
+            ReportCrossAttention(d, text_dim, max(1, min(heads, d // 16)), position) if s >= text_min_stride
+            else nn.Identity()
             for d, s in zip(dims, strides))
         self.attends = [s >= text_min_stride for s in strides]
         # one linear map per scale into the fused width (a 1x1 conv of the concatenation, split per scale)
@@ -92,8 +102,10 @@ class FusionHead(nn.Module):
                                     _norm(fuse_dim), nn.GELU())
         if any(self.fine):
             self.coarse_to_fine = nn.Conv2d(fuse_dim, fine_dim, 1)
-            self.refine = nn.Sequential(_norm(fine_dim), nn.GELU(), nn.Conv2d(fine_dim, fine_dim, 3, padding=1),
-                                        _norm(fine_dim), nn.GELU())
+            layers = [_norm(fine_dim), nn.GELU()]
+            for _ in range(fine_depth):
+                layers += [nn.Conv2d(fine_dim, fine_dim, 3, padding=1), _norm(fine_dim), nn.GELU()]
+            self.refine = nn.Sequential(*layers)
             out_dim = fine_dim
         else:
             self.coarse_to_fine = self.refine = None
@@ -101,11 +113,15 @@ class FusionHead(nn.Module):
         self.classifier = nn.Conv2d(out_dim, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor], text: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, dihedral: tuple[int, bool] | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, dihedral: tuple[int, bool] | None = None,
+                box: torch.Tensor | None = None, variants: list[tuple[int, bool]] | None = None) -> torch.Tensor:
         """``dihedral`` = (quarter turns, horizontal flip) rotates/flips the features for training augmentation.
         It is applied right after each scale's 1x1 conv, which commutes with it (as do GroupNorm and GELU, and a
         pixel shuffle applied after the turn): the same result as transforming the input, on 64 channels instead of
-        up to 576."""
+        up to 576. ``box`` (B, 4): where the window lies in the whole image, (top, left, bottom, right) as fractions
+        of its height/width; None = the window is the whole image. The position grid turns with the features, so a
+        flipped sample's "upper right" still points where the report meant. ``variants``: per sample, the
+        (turns, flip) its image was transformed by before feature extraction; positions are mapped back through it."""
         coarse, fine = [], []
         for i, feature in enumerate(features):
             if not torch.is_autocast_enabled(feature.device.type):  # under autocast the conv casts (once)
@@ -117,7 +133,10 @@ class FusionHead(nn.Module):
             if self.attends[i] and self.use_text and text is not None:
                 if mask is None:
                     mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-                x = self.fuse_text[i](x, text.to(x.dtype), mask)
+                grid = None
+                if self.fuse_text[i].position is not None:
+                    grid = _position_grid(box, x.shape, dihedral, x.device, variants)
+                x = self.fuse_text[i](x, text.to(x.dtype), mask, grid)
             (fine if self.fine[i] else coarse).append(self.to_fused[i](x))
         size = max((c.shape[-2:] for c in coarse), key=lambda s: s[0] * s[1])
         x = self.coarse(sum(_resize(c, size) for c in coarse))
@@ -125,6 +144,46 @@ class FusionHead(nn.Module):
             size = fine[0].shape[-2:]
             x = self.refine(_resize(self.coarse_to_fine(x), size) + sum(_resize(f, size) for f in fine))
         return self.classifier(x)
+
+
+_FREQUENCIES = (1.0, 2.0)
+
+
+def _fourier(coords: torch.Tensor) -> torch.Tensor:
+    """(..., 2) positions in 0..1 -> smooth features that a linear map turns into "upper", "left", "middle"."""
+    centred = coords.float() * 2 - 1
+    waves = [f(torch.pi * k * centred) for k in _FREQUENCIES for f in (torch.sin, torch.cos)]
+    return torch.cat([centred] + waves, dim=-1)
+
+
+def _position_grid(box: torch.Tensor | None, shape, dihedral, device, variants=None) -> torch.Tensor:
+    """(B, 2, h, w) pixel-centre positions in the whole (untransformed) image of a map of ``shape`` that was turned
+    by ``dihedral``; ``box`` is in the frame of the image each sample's features were extracted from (``variants``)."""
+    b, _, h, w = shape
+    turns = dihedral[0] if dihedral is not None else 0
+    h0, w0 = (w, h) if turns % 2 else (h, w)  # the map's shape before it was turned
+    if box is None:
+        box = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 4)
+    box = box.to(device, torch.float32)
+    ys = (torch.arange(h0, dtype=torch.float32, device=device) + 0.5) / h0
+    xs = (torch.arange(w0, dtype=torch.float32, device=device) + 0.5) / w0
+    y = box[:, 0, None] + ys[None] * (box[:, 2] - box[:, 0])[:, None]  # (B, h0)
+    x = box[:, 1, None] + xs[None] * (box[:, 3] - box[:, 1])[:, None]  # (B, w0)
+    grid = torch.stack([y[:, :, None].expand(b, h0, w0), x[:, None, :].expand(b, h0, w0)], dim=1)
+    if variants is not None:
+        grid = torch.stack([_undo_positions(g, *v) for g, v in zip(grid, variants)])
+    return rotate_flip(grid, *dihedral) if dihedral is not None else grid
+
+
+def _undo_positions(grid: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """Positions (2, ...) in an image transformed by ``rotate_flip(., turns, flip)`` -> positions in the original.
+    A quarter turn (torch.rot90) moves the point (y, x) to (1 - x, y)."""
+    y, x = grid[0], grid[1]
+    if flip:
+        x = 1 - x
+    for _ in range(turns % 4):
+        y, x = x, 1 - y
+    return torch.stack([y, x])
 
 
 def rotate_flip(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:

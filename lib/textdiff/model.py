@@ -58,6 +58,9 @@ class ModelConfig:
     labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
     head_dim: int = 64
     head_heads: int = 4
+    fine_dim: int = 16  # width of the head's full-resolution path
+    fine_depth: int = 1  # 3x3 convolutions at full resolution after the scales are fused
+    position: bool = True  # report attention knows where each token lies in the whole image (see FusionHead)
     text_min_stride: int = 4  # scales at least this coarse attend to the report (1: every scale, as in the paper)
     precision: str = "auto"
     feature_channels: list[int] | None = None  # filled when the head is built
@@ -75,8 +78,9 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         data = dict(data)
-        if "feature_channels" in data:  # a trained model from before the field existed hooked upsampler outputs
+        if "feature_channels" in data:  # a trained model from before these fields existed: their old behaviour
             data.setdefault("upsampler_input", False)
+            data.setdefault("position", False)
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -147,7 +151,8 @@ class TextDiffModel(torch.nn.Module):
         config.backbone_fingerprint = fingerprint
         head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
                           config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
-                          upsample=list(spec.upsample)).to(device)
+                          upsample=list(spec.upsample), fine_dim=config.fine_dim,
+                          fine_depth=config.fine_depth, position=config.position).to(device)
         return cls(config, features, encoder, head)
 
     @classmethod
@@ -197,12 +202,12 @@ class TextDiffModel(torch.nn.Module):
         return tokens.to(self.device), mask.to(self.device)
 
     def head_logits(self, features: list[torch.Tensor], tokens=None, mask=None, size=None, head=None,
-                    dihedral=None) -> torch.Tensor:
+                    dihedral=None, box=None, variants=None) -> torch.Tensor:
         """Head logits upsampled to the window size (under the model's precision: bf16 halves CPU time).
         ``head`` may be a wrapper of ``self.head`` (DistributedDataParallel while training); ``dihedral`` is a
-        training augmentation (see ``FusionHead.forward``)."""
+        training augmentation, ``box`` where each window lies in its image (see ``FusionHead.forward``)."""
         with _autocast(self.device, resolve_precision(self.config.precision, self.device)):
-            logits = (head or self.head)(features, tokens, mask, dihedral)
+            logits = (head or self.head)(features, tokens, mask, dihedral, box, variants)
         size = size or self.config.window
         return torch.nn.functional.interpolate(logits.float(), size=(size, size) if isinstance(size, int) else size,
                                                mode="bilinear", align_corners=False)
@@ -220,17 +225,24 @@ class TextDiffModel(torch.nn.Module):
         x = self.prepare(plane, value_range)[None].to(self.device)
         tokens, mask = self.text_tokens([report])
 
-        def predictor(windows: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        size_hw = tuple(x.shape[-2:])
+        _, roi, _ = preprocess.tile_layout(size_hw, c.window, c.tile, self.features.multiple)
+        # sliding_window_inference pads an image smaller than the window on both sides; positions are in the image
+        offset = [max(r - s, 0) // 2 for r, s in zip(roi, size_hw)]
+
+        def predictor(windows: torch.Tensor, where) -> torch.Tensor:
             n = windows.shape[0]
             feats = self.features(windows)
             t = tokens.expand(n, -1, -1) if tokens is not None else None
             m = mask.expand(n, -1) if mask is not None else None
-            return self.head_logits(feats, t, m, size=windows.shape[-2:])
+            box = torch.tensor([[(w[2].start - offset[0]) / size_hw[0], (w[3].start - offset[1]) / size_hw[1],
+                                 (w[2].stop - offset[0]) / size_hw[0], (w[3].stop - offset[1]) / size_hw[1]]
+                                for w in where])
+            return self.head_logits(feats, t, m, size=windows.shape[-2:], box=box)
 
-        c = self.config
-        _, roi, _ = preprocess.tile_layout(tuple(x.shape[-2:]), c.window, c.tile, self.features.multiple)
-        logits = sliding_window_inference(x, roi, sw_batch_size, predictor,
-                                          overlap=self.config.overlap, mode="gaussian", padding_mode="constant")
+        logits = sliding_window_inference(x, roi, sw_batch_size, predictor, overlap=self.config.overlap,
+                                          mode="gaussian", padding_mode="constant", with_coord=True)
         probs = torch.softmax(logits[0].float(), dim=0)
         size = plane.shape[:2]
         return preprocess.resize_to(probs, size).cpu()

@@ -56,6 +56,13 @@ class Tile:
     features: list[torch.Tensor]  # fp16/bf16, one (C, h, w) map per block
     mask: torch.Tensor  # (tile_h, tile_w) long, working scale
     report: str | None
+    start: tuple[int, int] = (0, 0)  # top-left corner in the working image
+
+
+def window_box(start: tuple[int, int], size: tuple[int, int], image_hw: tuple[int, int]) -> list[float]:
+    """(top, left, bottom, right) of a window as fractions of its working image: where it lies, for the head."""
+    (i, j), (h, w), (H, W) = start, size, image_hw
+    return [i / H, j / W, (i + h) / H, (j + w) / W]
 
 
 @dataclass
@@ -65,6 +72,7 @@ class CachedImage:
     starts: list[tuple[int, int]]
     scaled_size: tuple[int, int]
     truth: np.ndarray  # native-size label map, for validation
+    variant: tuple[int, bool] = (0, False)  # how the image was turned/flipped before extraction
 
 
 def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
@@ -125,8 +133,9 @@ class FeatureCache:
         y = rotate_flip(preprocess.prepare_mask(truth, c.scale), turns, flip)[0]
         padded, sides, _ = tile_layout(tuple(y.shape), c.window, c.tile, model.features.multiple)
         y = _pad_to(y, padded)
-        tiles = [Tile(f, y[i:i + sides[0], j:j + sides[1]].clone(), sample.report) for f, (i, j) in zip(features, starts)]
-        return CachedImage(sample.name, tiles, starts, scaled, truth)
+        tiles = [Tile(f, y[i:i + sides[0], j:j + sides[1]].clone(), sample.report, (i, j))
+                 for f, (i, j) in zip(features, starts)]
+        return CachedImage(sample.name, tiles, starts, scaled, truth, VARIANTS[variant])
 
     def _extract(self, image, variant: int):
         model, c = self.model, self.model.config
@@ -202,7 +211,8 @@ def random_windows(images: list[CachedImage], window: int, strides: list[int], r
             i = align * rng.randint(0, (h - window) // align)
             j = align * rng.randint(0, (w - window) // align)
             feats = [f[:, i // s:(i + window) // s, j // s:(j + window) // s] for f, s in zip(tile.features, strides)]
-            yield feats, tile.mask[i:i + window, j:j + window], tile.report
+            box = window_box((tile.start[0] + i, tile.start[1] + j), (window, window), image.scaled_size)
+            yield feats, tile.mask[i:i + window, j:j + window], tile.report, box, image.variant
 
 
 def _epoch_batches(images: list[CachedImage], window: int, strides: list[int], batch_size: int, steps: int,
@@ -235,7 +245,9 @@ def validate(model: TextDiffModel, images) -> dict:
             for tile, (i, j) in zip(image.tiles, image.starts):
                 th, tw = tile.mask.shape
                 feats = [f[None].to(model.device) for f in tile.features]
-                logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw))[0].cpu()
+                box = torch.tensor([window_box((i, j), (th, tw), (h, w))])
+                logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw), box=box,
+                                                                   variants=[image.variant])[0].cpu()
                 counts[:, i:i + th, j:j + tw] += 1
             probs = torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
             label = preprocess.resize_to(probs, image.truth.shape).argmax(0).numpy()
@@ -302,15 +314,18 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         head.train()
         losses = []
         for chunk in _epoch_batches(images, window, strides, config.batch_size, steps_per_epoch, rng):
-            feats = [torch.stack([f[k] for f, _, _ in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
-            target = torch.stack([m for _, m, _ in chunk])[:, None].to(model.device)
+            feats = [torch.stack([w[0][k] for w in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
+            target = torch.stack([w[1] for w in chunk])[:, None].to(model.device)
+            box = torch.tensor([w[3] for w in chunk])
             dihedral = None
             if config.feature_augment:  # one flip/rotation per batch, applied inside the head (cheaper there)
                 dihedral = (rng.randrange(4), rng.random() < 0.5)
                 target = rotate_flip(target, *dihedral)
-            reports = [None if rng.random() < config.text_dropout else report for _, _, report in chunk]
+            reports = [None if rng.random() < config.text_dropout else w[2] for w in chunk]
             tokens, mask = model.text_tokens(reports)
-            loss = loss_fn(model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral), target)
+            logits = model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral, box=box,
+                                       variants=[w[4] for w in chunk])
+            loss = loss_fn(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
