@@ -107,6 +107,15 @@ def test_cli_train_evaluate_infer(lvit_folder, tiny_unet_dir, tiny_encoder_dir, 
     config = json.loads((model_dir / "config.json").read_text())
     assert config["backbone"] == str(tiny_unet_dir) and config["blocks"] and config["steps"] == [50, 150, 250]
     assert (model_dir / config["weights"]).is_file()
+    assert config["position"] is True  # the default: report attention knows where each token lies
+    plain_dir = tmp_path / "no-position"
+    assert main(["train", "--data", str(lvit_folder), "--out", str(plain_dir), "--epochs", "1", "--head-dim", "16",
+                 "--no-position", *common]) == 0
+    from textdiff.model import TextDiffModel
+
+    plain = TextDiffModel.load(plain_dir)
+    assert plain.config.position is False
+    assert all(getattr(m, "position", None) is None for m in plain.head.fuse_text)
 
     capsys.readouterr()
     assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--json",

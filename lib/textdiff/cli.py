@@ -26,6 +26,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-image", action=argparse.BooleanOptionalAction, default=True,
                    help="feed the clean image to the head as one more full-resolution input (default; "
                         "--no-include-image: backbone features only)")
+    p.add_argument("--position", action=argparse.BooleanOptionalAction, default=True,
+                   help="tell the report attention where each image token lies in the whole image (default; "
+                        "--no-position: the report attention sees content only)")
     p.add_argument("--upsampler-output", action="store_true",
                    help="hook upsampler units' outputs, not their inputs (the head then does not learn the 2x "
                         "upsampling; 4x larger cached map, slower extraction)")
@@ -58,6 +61,7 @@ def cmd_train(args) -> int:
         scale = 0.5 if min(read_image(samples[0].image).size_hw) >= 768 else 1.0
     config = ModelConfig(backbone=args.backbone, blocks=args.blocks, steps=args.steps, text_encoder=args.text_encoder,
                          include_image=args.include_image, upsampler_input=not args.upsampler_output,
+                         position=args.position,
                          max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, tile=args.tile,
                          scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision,
