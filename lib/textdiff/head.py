@@ -75,7 +75,7 @@ class FusionHead(nn.Module):
 
     def __init__(self, in_channels: list[int], text_dim: int, num_classes: int = 2, dim: int = 64, heads: int = 4,
                  use_text: bool = True, strides: list[int] | None = None, text_min_stride: int = 4,
-                 fuse_dim: int = 32, fine_dim: int = 16, upsample: list[bool] | None = None, fine_depth: int = 1,
+                 fuse_dim: int = 32, fine_dim: int = 16, upsample: list[bool] | None = None,
                  position: bool = False):
         super().__init__()
         self.use_text = use_text
@@ -102,10 +102,8 @@ class FusionHead(nn.Module):
                                     _norm(fuse_dim), nn.GELU())
         if any(self.fine):
             self.coarse_to_fine = nn.Conv2d(fuse_dim, fine_dim, 1)
-            layers = [_norm(fine_dim), nn.GELU()]
-            for _ in range(fine_depth):
-                layers += [nn.Conv2d(fine_dim, fine_dim, 3, padding=1), _norm(fine_dim), nn.GELU()]
-            self.refine = nn.Sequential(*layers)
+            self.refine = nn.Sequential(_norm(fine_dim), nn.GELU(), nn.Conv2d(fine_dim, fine_dim, 3, padding=1),
+                                        _norm(fine_dim), nn.GELU())
             out_dim = fine_dim
         else:
             self.coarse_to_fine = self.refine = None

@@ -58,8 +58,6 @@ class ModelConfig:
     labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
     head_dim: int = 64
     head_heads: int = 4
-    fine_dim: int = 16  # width of the head's full-resolution path
-    fine_depth: int = 1  # 3x3 convolutions at full resolution after the scales are fused
     position: bool = True  # report attention knows where each token lies in the whole image (see FusionHead)
     text_min_stride: int = 4  # scales at least this coarse attend to the report (1: every scale, as in the paper)
     precision: str = "auto"
@@ -151,8 +149,7 @@ class TextDiffModel(torch.nn.Module):
         config.backbone_fingerprint = fingerprint
         head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
                           config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
-                          upsample=list(spec.upsample), fine_dim=config.fine_dim,
-                          fine_depth=config.fine_depth, position=config.position).to(device)
+                          upsample=list(spec.upsample), position=config.position).to(device)
         return cls(config, features, encoder, head)
 
     @classmethod
