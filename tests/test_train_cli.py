@@ -47,6 +47,33 @@ def test_cache_is_used_on_second_epoch_and_across_runs(tiny_model, lvit_folder, 
     assert FeatureCache(tiny_model).key(samples[0], 0) != cache.key(samples[0], 0)
 
 
+def test_cache_folder_is_pruned_least_recently_used_first(tiny_model, lvit_folder, tmp_path):
+    import os
+
+    samples = read_lvit(lvit_folder)[:3]
+    folder = tmp_path / "cache"
+    FeatureCache(tiny_model, folder, max_gb=None).get(samples[0])
+    FeatureCache(tiny_model, folder, max_gb=None).get(samples[1])
+    first, second = (folder / f"{FeatureCache(tiny_model).key(s, 0)}.safetensors" for s in samples[:2])
+    size = first.stat().st_size
+    os.utime(first, (1, 1))  # long unused
+    os.utime(second, (2, 2))
+    FeatureCache(tiny_model, folder, max_gb=None).get(samples[0])  # a cache hit marks the file as just used
+    assert first.stat().st_mtime > second.stat().st_mtime
+    # room for two files: the third image's features push out the least recently used one (the second image's)
+    cache = FeatureCache(tiny_model, folder, max_gb=2.5 * size / 2**30)
+    cache.get(samples[2])
+    assert first.is_file() and not second.exists() and len(list(folder.glob("*.safetensors"))) == 2
+    # files this cache has used are never deleted, even over the limit
+    tiny = FeatureCache(tiny_model, folder, max_gb=0.1 * size / 2**30)
+    tiny.get(samples[0])
+    tiny.get(samples[1])
+    assert first.is_file() and second.is_file()
+    assert len(list(folder.glob("*.safetensors"))) == 2 and tiny.extractions == 4  # only the second was redone
+    with pytest.raises(ValueError, match="positive"):
+        FeatureCache(tiny_model, folder, max_gb=0)
+
+
 def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model, lvit_folder, tmp_path):
     import torch
     from safetensors.torch import save_file

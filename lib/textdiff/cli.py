@@ -48,7 +48,7 @@ def _device(name: str | None):
 def cmd_train(args) -> int:
     from .data import read_image, read_lvit
     from .model import ModelConfig, TextDiffModel
-    from .train import TrainConfig, train
+    from .train import DEFAULT_CACHE_MAX_GB, TrainConfig, train
 
     samples = [s for folder in args.data for s in read_lvit(folder)]
     val = [s for folder in args.val for s in read_lvit(folder)] if args.val else []
@@ -74,6 +74,7 @@ def cmd_train(args) -> int:
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                 val_every=args.val_every,
                                 variants=args.variants, cache_dir=args.cache_dir,
+                                cache_max_gb=DEFAULT_CACHE_MAX_GB if args.cache_max_gb is None else args.cache_max_gb or None,
                                 feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout))
     teardown()
     best = summary["best"]
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--val-limit", type=int, help="use only the last N validation samples")
     p.add_argument("--cache-dir", help="also keep frozen features on disk here (reused across runs)")
+    p.add_argument("--cache-max-gb", type=float,
+                   help="the cache folder's size limit (default 20): least recently used feature files are deleted "
+                        "beyond it (0 = no limit; the running job's own files are kept)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_train)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import random
 import time
 import warnings
@@ -33,6 +34,9 @@ from .model import TextDiffModel, _atomic_write
 
 # Dihedral variants applied to the image before feature extraction: (number of 90° turns, horizontal flip).
 VARIANTS = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
+# A feature file is ~2 (MoNuSeg at x0.5) to ~17 MB (256 px CXR) per image; without a cap every recipe tried keeps its
+# features forever (one development machine reached 57 GB).
+DEFAULT_CACHE_MAX_GB = 20.0
 
 
 @dataclass
@@ -47,6 +51,7 @@ class TrainConfig:
     # images by their (nearly unique) reports, so text is used where it carries information
     lambda_dice: float = 1.5
     cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
+    cache_max_gb: float | None = DEFAULT_CACHE_MAX_GB  # least recently used files go beyond this; None = no limit
     val_every: int = 1  # validate every this many epochs (and after the last): runs of many tiny epochs
 
 
@@ -89,9 +94,13 @@ class FeatureCache:
     used at once while the expensive part is reused.
     """
 
-    def __init__(self, model: TextDiffModel, cache_dir: str | Path | None = None, batch_size: int = 4):
+    def __init__(self, model: TextDiffModel, cache_dir: str | Path | None = None, batch_size: int = 4,
+                 max_gb: float | None = DEFAULT_CACHE_MAX_GB):
         self.model = model
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        if max_gb is not None and max_gb <= 0:
+            raise ValueError(f"feature cache limit must be positive (GB), got {max_gb}")
+        self.max_bytes = None if max_gb is None else int(max_gb * 2**30)
         self.batch_size = batch_size
         self.memory: dict[str, tuple[list[list[torch.Tensor]], list[tuple[int, int]], tuple[int, int]]] = {}
         self.extractions = 0  # backbone forwards run (tiles), for tests and reports
@@ -125,6 +134,8 @@ class FeatureCache:
                 try:
                     self._save_disk(key, *entry)
                     entry = self._load_disk(key) or entry  # mapped: RAM holds only the pages in use
+                    self.memory[key] = entry
+                    self.prune()
                 except Exception as error:  # a full disk costs the cache, never the training
                     warnings.warn(f"feature cache not written to {self.cache_dir} ({error}); continuing without it")
         self.memory[key] = entry
@@ -159,10 +170,38 @@ class FeatureCache:
         meta = {"starts": json.dumps(starts), "scaled": json.dumps(scaled), "blocks": str(len(features[0]))}
         _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
 
+    def prune(self) -> int:
+        """Delete the least recently used feature files until the folder fits ``max_gb``; never a file this cache
+        has used (a mapped file stays readable after deletion on POSIX, but it would be extracted again next run).
+        Returns the bytes freed."""
+        if self.cache_dir is None or self.max_bytes is None or not self.cache_dir.is_dir():
+            return 0
+        files = []
+        for path in self.cache_dir.glob("*.safetensors"):
+            try:
+                info = path.stat()
+            except FileNotFoundError:  # another process pruned it
+                continue
+            files.append((info.st_mtime, info.st_size, path))
+        total, freed = sum(f[1] for f in files), 0
+        in_use = {f"{key}.safetensors" for key in self.memory}
+        for _, size, path in sorted(files):
+            if total - freed <= self.max_bytes:
+                break
+            if path.name in in_use:
+                continue
+            path.unlink(missing_ok=True)
+            freed += size
+        return freed
+
     def _load_disk(self, key: str):
         path = self.cache_dir / f"{key}.safetensors"
         if not path.is_file():
             return None
+        try:
+            os.utime(path)  # "recently used" for pruning is the file's mtime (atime is often not kept)
+        except OSError:  # a read-only cache is still usable
+            pass
         try:
             tensors, meta = map_safetensors(path)
             starts = [tuple(s) for s in json.loads(meta["starts"])]
@@ -271,7 +310,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + rank)
     started = time.time()
-    cache = cache or FeatureCache(model, config.cache_dir, config.batch_size)
+    cache = cache or FeatureCache(model, config.cache_dir, config.batch_size, config.cache_max_gb)
     progress = progress and rank == 0
     mine = train_samples[rank::world]
     val_samples = (val_samples or []) if rank == 0 else []
