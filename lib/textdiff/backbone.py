@@ -39,7 +39,11 @@ def _resolve_shipped(name: str) -> Path | None:
 def load_unet(source: str | os.PathLike | None = None):
     """Load a UNet2DModel from the shipped default, a local ``save_pretrained`` folder or a hub id."""
     from diffusers import UNet2DModel
+    from diffusers.utils import is_accelerate_available
 
+    # diffusers asks for low_cpu_mem_usage by default and warns at every load when accelerate (not a dependency:
+    # these backbones are small or loaded once) is missing
+    options = {"low_cpu_mem_usage": is_accelerate_available()}
     source = str(source or DEFAULT_BACKBONE)
     if source == RANDOM_BACKBONE or source.startswith(RANDOM_BACKBONE + ":"):
         # the architecture of the shipped (or a given) backbone with seeded random weights: the ablation baseline
@@ -51,7 +55,7 @@ def load_unet(source: str | os.PathLike | None = None):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BackboneLoadError(f"backbone folder {path} has no config.json (expected a UNet2DModel save_pretrained folder)")
-        return UNet2DModel.from_pretrained(str(path))
+        return UNet2DModel.from_pretrained(str(path), **options)
     if source == DEFAULT_BACKBONE:
         raise BackboneLoadError(
             f"the shipped default backbone is missing from {SHIPPED_BACKBONES}; pass --backbone FOLDER "
@@ -59,10 +63,10 @@ def load_unet(source: str | os.PathLike | None = None):
     if not _looks_like_hub_id(source):
         raise BackboneLoadError(f"backbone folder {source!r} does not exist (and it is not a hub id like owner/name)")
     try:
-        return UNet2DModel.from_pretrained(source, subfolder=None)
+        return UNet2DModel.from_pretrained(source, subfolder=None, **options)
     except Exception as error:  # hub unreachable, repo missing, not a UNet2DModel ...
         try:  # repos like google/ddpm-* keep the UNet in a subfolder
-            return UNet2DModel.from_pretrained(source, subfolder="unet")
+            return UNet2DModel.from_pretrained(source, subfolder="unet", **options)
         except Exception:
             pass
         raise BackboneLoadError(
