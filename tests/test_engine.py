@@ -57,6 +57,19 @@ def test_early_exit_skips_everything_after_deepest_block():
     assert calls == ["up1", "conv_out"]
 
 
+def test_benchmark_extraction_agrees_and_accounts_for_the_skipped_work(tiny_model):
+    from textdiff.benchmark import bench_extract, table
+
+    windows = torch.rand(2, 3, 32, 32) * 2 - 1
+    result = bench_extract(tiny_model, windows, repeats=1)
+    assert result["feature_max_rel_diff"] < 1e-4  # fp32 fast path = reference loop
+    # the default blocks stop before the last decoder level: the reference does strictly more work
+    assert result["extract_flop_ratio"] > 1.05
+    assert result["extract_fast_gflops_per_s"] > 0 and result["extract_naive_gflops_per_s"] > 0
+    text = table(result)
+    assert "work skipped by the early exit" in text and "GFLOP/s" in text
+
+
 def test_bf16_features_close_to_fp32():
     unet = tiny_unet_model()
     x = torch.rand(1, 3, 32, 32) * 2 - 1
