@@ -10,11 +10,8 @@ import torch
 
 from support import SHARED
 from textdiff.cli import main
+from textdiff.convert import ADM256_UNCOND_FLAGS as ADM256_FLAGS
 from textdiff.convert import ConversionError, _split_qkv, convert_state_dict, parse_flags, plan
-
-ADM256_FLAGS = ("--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 "
-                "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
-                "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True").split()
 
 
 def layout():
@@ -144,3 +141,34 @@ def test_cli_refuses_mismatched_flags_clearly(tmp_path, capsys):
     assert main(["convert-adm", str(tmp_path / "bad.pt"), str(tmp_path / "o"), "--image_size", "32",
                  "--num_head_channels", "16", "--channel_mult", "1,2"]) == 2
     assert "do not fit" in capsys.readouterr().err
+
+
+def test_adm_benchmark_counts_the_limit_from_full_forwards_and_times_the_early_exit_path():
+    from diffusers import UNet2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from textdiff.benchmark import bench_adm, table
+
+    flags = ("--image_size 64 --num_channels 32 --num_res_blocks 1 --attention_resolutions 16 "
+             "--num_head_channels 16 --channel_mult 1,2").split()
+    result = bench_adm(torch.device("cpu"), flags=flags, blocks=(1, 2))
+    with torch.device("meta"):
+        unet = UNet2DModel.from_config(plan(parse_flags(flags)).config)
+    with FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(1, 3, 64, 64, device="meta"), torch.tensor([50], device="meta"))
+    assert result["adm_tflop_per_window_full"] * 1e12 == 3 * counter.get_total_flops()  # 3 steps, full forwards
+    assert result["adm_tflop_per_window_run"] < result["adm_tflop_per_window_full"]  # block 3 and conv_out skipped
+    peak = result["adm_peak_tflops_measured_matmul"]  # a CPU: no datasheet value
+    assert result["adm_peak_tflops_datasheet"] is None and peak > 0
+    assert result["adm_limit_windows_per_s"] == pytest.approx(peak / result["adm_tflop_per_window_full"])
+    assert result["adm_fraction_of_limit"] == pytest.approx(result["adm_windows_per_s"] / result["adm_limit_windows_per_s"])
+    assert "physical limit" in table(result)
+
+
+def test_datasheet_peaks_match_the_most_specific_name():
+    from textdiff.benchmark import datasheet_peak_tflops
+
+    assert datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert datasheet_peak_tflops("NVIDIA H200") == 989.4
+    assert datasheet_peak_tflops("NVIDIA A10G") == 70.0 and datasheet_peak_tflops("Some GPU") is None

@@ -10,6 +10,10 @@
   in a child process whose peak RSS is reported) and adds its mean epoch time for the remaining epochs. The ratio
   over the measured epochs alone is reported too.
 - infer: median wall time of REST ``POST /infer`` of one 1000x1000 H&E tile on a warm in-process server.
+- adm (only when asked, ``--adm``): 256x256 windows per second of the engine's extraction on the full ADM-256
+  layout (the paper's backbone, random weights built from the converter's config: no checkpoint needed) with the
+  paper's MoNuSeg blocks, against the physical limit: the device's peak bf16/fp16 rate over 3 x 2.24 TFLOP per
+  window. The peak is both the datasheet value (known GPUs) and a measured large matmul.
 """
 from __future__ import annotations
 
@@ -80,6 +84,84 @@ def bench_extract(model: TextDiffModel, windows: torch.Tensor, repeats: int = 2)
             "extract_flop_ratio": naive_flops / fast_flops,
             "extract_naive_gflops_per_s": naive_flops / 1e9 / (naive_s / n),
             "extract_fast_gflops_per_s": fast_flops / 1e9 / (fast_s / n)}
+
+
+ADM_PAPER_BLOCKS = (6, 8, 12, 16)  # MoNuSeg, in ADM output_blocks numbering
+# dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s; matched by name, longest first
+DATASHEET_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4,
+                         "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0}
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    for key in sorted(DATASHEET_BF16_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return DATASHEET_BF16_TFLOPS[key]
+    return None
+
+
+def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best rate of a large square matmul: what this device's matrix units really deliver."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(3 if device.type == "cuda" else 2):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 2):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / (10 if device.type == "cuda" else 2))
+    return 2 * n**3 / best / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_adm(device: torch.device, flags: list[str] | None = None, blocks=ADM_PAPER_BLOCKS,
+              windows: int | None = None, repeats: int | None = None) -> dict:
+    """Windows/s of the engine's extraction on an ADM layout (default ADM-256 with the paper's MoNuSeg blocks,
+    random weights) against the limit: peak rate / FLOPs of ``len(steps)`` full forwards (3 x 2.24 TFLOP here)."""
+    from diffusers import UNet2DModel
+
+    from .convert import ADM256_UNCOND_FLAGS, parse_flags, plan
+
+    config = plan(parse_flags(list(flags or ADM256_UNCOND_FLAGS))).config
+    size = config["sample_size"]
+    with torch.device("meta"):  # FLOPs from shapes alone: no compute, no memory
+        shapes = UNet2DModel.from_config(config)
+    probe = torch.zeros(1, 3, size, size, device="meta")
+    full = _flops(lambda: DiffusionFeatures(shapes, blocks, early_exit=False)(probe))
+    run = _flops(lambda: DiffusionFeatures(shapes, blocks)(probe))
+
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config(config).to(device)
+    precision = resolve_precision("auto", device)
+    features = DiffusionFeatures(unet, blocks, precision=precision)
+    cuda = device.type == "cuda"
+    batch, repeats = windows or (16 if cuda else 1), repeats or (5 if cuda else 1)
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    features(x)  # warm-up (cuDNN/oneDNN kernel choice)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        features(x)
+    _sync(device)
+    windows_per_s = batch * repeats / (time.perf_counter() - start)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16 if precision == "bf16" else torch.float32
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    measured = measured_peak_tflops(device, dtype)
+    datasheet = datasheet_peak_tflops(name) if cuda else None
+    peak = datasheet or measured
+    return {"adm_device": name, "adm_precision": precision, "adm_blocks": list(blocks), "adm_batch": batch,
+            "adm_windows_per_s": windows_per_s,
+            "adm_tflop_per_window_full": full / 1e12,  # len(steps) full forwards: the limit's basis
+            "adm_tflop_per_window_run": run / 1e12,  # what the early exit leaves
+            "adm_achieved_tflops": windows_per_s * run / 1e12,
+            "adm_peak_tflops_measured_matmul": measured, "adm_peak_tflops_datasheet": datasheet,
+            "adm_limit_windows_per_s": peak * 1e12 / full,
+            "adm_fraction_of_limit": windows_per_s * full / (peak * 1e12)}
 
 
 def _flops(fn) -> int:
@@ -197,7 +279,8 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
 
 
 def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "default", windows: int = 4,
-        epochs: int = 50, measured_epochs: int = 3, reference_steps: int = 12, skip: tuple[str, ...] = ()) -> dict:
+        epochs: int = 50, measured_epochs: int = 3, reference_steps: int = 12, skip: tuple[str, ...] = (),
+        adm: bool = False) -> dict:
     if not (data / "Train_Folder").is_dir():
         raise FileNotFoundError(f"benchmark data not found: {data} (MoNuSeg LViT folders)")
     torch.manual_seed(0)
@@ -212,6 +295,8 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
     parts = {"extract": lambda: bench_extract(model, _windows(samples, model, windows)),
              "train": lambda: bench_train(config, data, epochs, measured_epochs, reference_steps),
              "infer": lambda: bench_infer(model_dir, samples[0].image)}
+    if adm:
+        parts["adm"] = lambda: bench_adm(model.device)
     for name, measure in parts.items():
         if name not in skip:
             result |= measure()
@@ -228,7 +313,10 @@ def table(result: dict) -> str:
             ("few-shot training speed-up (vs reference loop)", "train_speedup", "{:.1f}x", "goal >= 20x"),
             ("  the same over the measured epochs only", "train_speedup_measured_epochs", "{:.1f}x", ""),
             ("REST infer, 1000x1000 tile, median", "infer_1000px_s", "{:.2f} s", "goal <= 3 s"),
-            ("peak RSS, training on 30 MoNuSeg images", "peak_rss_gb", "{:.2f} GB", "goal <= 8 GB")]
+            ("peak RSS, training on 30 MoNuSeg images", "peak_rss_gb", "{:.2f} GB", "goal <= 8 GB"),
+            ("ADM-256 layout, 256x256 windows/s (bf16/fp16)", "adm_windows_per_s", "{:.2f}", ""),
+            ("  physical limit (peak rate / 3 full forwards)", "adm_limit_windows_per_s", "{:.2f}", ""),
+            ("  fraction of the limit", "adm_fraction_of_limit", "{:.1%}", "")]
     lines = [f"device: {result.get('device')}  backbone: {result.get('backbone')}", ""]
     for label, key, fmt, goal in rows:
         if key is None:

@@ -154,7 +154,8 @@ def cmd_benchmark(args) -> int:
     from . import benchmark
 
     result = benchmark.run(args.backbone, Path(args.data) if args.data else benchmark.DEFAULT_DATA, args.model,
-                           args.windows, args.epochs, args.measured_epochs, args.reference_steps, tuple(args.skip or ()))
+                           args.windows, args.epochs, args.measured_epochs, args.reference_steps, tuple(args.skip or ()),
+                           adm=args.adm)
     print(benchmark.table(result), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs the fast path really runs; the rest are totalled from their mean time (default 3)")
     p.add_argument("--reference-steps", type=int, default=12, help="reference-loop steps timed (then scaled)")
     p.add_argument("--skip", action="append", choices=["extract", "train", "infer"])
+    p.add_argument("--adm", action="store_true",
+                   help="also time the full ADM-256 layout (random weights, the paper's blocks) in windows/s against "
+                        "the device's physical limit (~1 min on a 2-core CPU; meant for GPUs)")
     p.set_defaults(func=cmd_benchmark)
     return parser
 

@@ -12,6 +12,11 @@ from pathlib import Path
 
 import torch
 
+# The flags guided-diffusion's README gives for 256x256_diffusion_uncond.pt (the paper's backbone)
+ADM256_UNCOND_FLAGS = ("--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 "
+                       "--learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 "
+                       "--num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True").split()
+
 # guided-diffusion's defaults (script_util.model_and_diffusion_defaults)
 ADM_DEFAULTS = dict(image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
                     num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0,
