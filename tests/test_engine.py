@@ -91,6 +91,25 @@ def test_bad_blocks_steps_and_sources_are_refused(tmp_path):
         load_unet("someone/not-a-real-backbone")  # offline in tests: a clear message, no traceback soup
 
 
+def test_an_unreachable_hub_is_detected_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from textdiff.hub import hub_options, hub_unreachable_reason
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert "127.0.0.1:9 is not reachable" in hub_unreachable_reason()
+    assert hub_options()[0] == {"local_files_only": True}  # offline: the local hub cache only
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable_reason() == "HF_HUB_OFFLINE is set"
+    start = time.perf_counter()
+    with pytest.raises(BackboneLoadError, match="not reachable: HF_HUB_OFFLINE is set"):
+        load_unet("someone/not-a-real-backbone")
+    assert time.perf_counter() - start < 20  # no retries (they took ~54 s)
+
+
 # ----- report encoder -----------------------------------------------------------------------------------------------
 def test_report_cleaning():
     assert clean_report("  a\x00b\tc\n") == "a b c"

@@ -62,16 +62,20 @@ def load_unet(source: str | os.PathLike | None = None):
             "or create one with `textdiff pretrain`")
     if not _looks_like_hub_id(source):
         raise BackboneLoadError(f"backbone folder {source!r} does not exist (and it is not a hub id like owner/name)")
+    from .hub import hub_options
+
+    online, offline = hub_options()  # offline: only the local hub cache, without minutes of retries
     try:
-        return UNet2DModel.from_pretrained(source, subfolder=None, **options)
+        return UNet2DModel.from_pretrained(source, subfolder=None, **options, **online)
     except Exception as error:  # hub unreachable, repo missing, not a UNet2DModel ...
         try:  # repos like google/ddpm-* keep the UNet in a subfolder
-            return UNet2DModel.from_pretrained(source, subfolder="unet", **options)
+            return UNet2DModel.from_pretrained(source, subfolder="unet", **options, **online)
         except Exception:
             pass
+        why = f"the model hub is not reachable: {offline}, and the local hub cache does not hold it" if offline \
+            else f"the model hub did not provide it ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
         raise BackboneLoadError(
-            f"could not load backbone {source!r}: it is not a local folder and the model hub did not provide it "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). On a machine with internet run "
+            f"could not load backbone {source!r}: it is not a local folder and {why}. On a machine with internet run "
             f"`python -c \"from diffusers import UNet2DModel; UNet2DModel.from_pretrained('{source}')"
             f".save_pretrained('my_backbone')\"`, copy the folder here and pass --backbone my_backbone; "
             "or convert an OpenAI checkpoint with `textdiff convert-adm`.") from None

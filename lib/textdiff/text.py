@@ -66,12 +66,18 @@ class ReportEncoder(nn.Module):
                 return cls(AutoModel.from_pretrained(local), AutoTokenizer.from_pretrained(local), max_tokens)
             if path.startswith((".", "/", "~")):
                 raise TextEncoderLoadError(f"text encoder folder {path!r} does not exist")
-            return cls(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), max_tokens)
+            from .hub import hub_options
+
+            online, offline = hub_options()  # offline: only the local hub cache, without minutes of retries
+            return cls(AutoModel.from_pretrained(path, **online), AutoTokenizer.from_pretrained(path, **online),
+                       max_tokens)
         except TextEncoderLoadError:
             raise
         except Exception as error:
+            why = f"the model hub is not reachable: {offline}" if offline else \
+                f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             raise TextEncoderLoadError(
-                f"could not load text encoder {path!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+                f"could not load text encoder {path!r} ({why}). "
                 "Offline, use the embedded default (omit --text-encoder) or a local folder saved with "
                 "AutoModel/AutoTokenizer.save_pretrained on a connected machine.") from None
 
