@@ -67,7 +67,8 @@ def test_benchmark_extraction_agrees_and_accounts_for_the_skipped_work(tiny_mode
     assert result["extract_flop_ratio"] > 1.05
     assert result["extract_fast_gflops_per_s"] > 0 and result["extract_naive_gflops_per_s"] > 0
     text = table(result)
-    assert "work skipped by the early exit" in text and "GFLOP/s" in text
+    assert result["extract_speedup_bound"] > 0 and result["extract_peak_tflops"] > 0
+    assert "work skipped by the early exit" in text and "GFLOP/s" in text and "matmul peak" in text
 
 
 def test_bf16_features_close_to_fp32():

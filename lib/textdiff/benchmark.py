@@ -76,6 +76,9 @@ def bench_extract(model: TextDiffModel, windows: torch.Tensor, repeats: int = 2)
     naive_flops = _flops(lambda: naive_features(unet, windows[:1], c.blocks, c.steps, c.noise_seed,
                                                 c.upsampler_input))
     fast_flops = _flops(lambda: fast(windows[:1]))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(c.precision, model.device),
+                                                               torch.float32)
+    peak = measured_peak_tflops(model.device, dtype) * 1e12
     return {"extract_naive_s_per_window": naive_s / n, "extract_fast_s_per_window": fast_s / n,
             "extract_speedup": naive_s / fast_s, "feature_max_rel_diff": max(diffs),
             "precision": resolve_precision(c.precision, model.device),
@@ -83,7 +86,10 @@ def bench_extract(model: TextDiffModel, windows: torch.Tensor, repeats: int = 2)
             # ratio splits into work skipped x speed of the work done
             "extract_flop_ratio": naive_flops / fast_flops,
             "extract_naive_gflops_per_s": naive_flops / 1e9 / (naive_s / n),
-            "extract_fast_gflops_per_s": fast_flops / 1e9 / (fast_s / n)}
+            "extract_fast_gflops_per_s": fast_flops / 1e9 / (fast_s / n),
+            # the speed-up if the fast path's work ran at this device's large-matmul peak: no implementation of
+            # these techniques on this device and backbone gets past it
+            "extract_peak_tflops": peak / 1e12, "extract_speedup_bound": (naive_s / n) / (fast_flops / peak)}
 
 
 ADM_PAPER_BLOCKS = (6, 8, 12, 16)  # MoNuSeg, in ADM output_blocks numbering
@@ -309,6 +315,7 @@ def table(result: dict) -> str:
             ("  naive / fast s per 256x256 window", None, None, None),
             ("  of which work skipped by the early exit (FLOPs)", "extract_flop_ratio", "{:.2f}x", ""),
             ("  naive / fast GFLOP/s", None, None, None),
+            ("  bound: fast path at this device's matmul peak", "extract_speedup_bound", "{:.1f}x", ""),
             ("feature max relative difference", "feature_max_rel_diff", "{:.2%}", "goal <= 2%"),
             ("few-shot training speed-up (vs reference loop)", "train_speedup", "{:.1f}x", "goal >= 20x"),
             ("  the same over the measured epochs only", "train_speedup_measured_epochs", "{:.1f}x", ""),
