@@ -50,6 +50,8 @@ def cmd_train(args) -> int:
     from .model import ModelConfig, TextDiffModel
     from .train import DEFAULT_CACHE_MAX_GB, TrainConfig, train
 
+    if args.cache_max_gb is not None and args.cache_max_gb < 0:  # before minutes of loading and extraction
+        raise ValueError(f"--cache-max-gb must be >= 0 (0 = no limit), got {args.cache_max_gb}")
     samples = [s for folder in args.data for s in read_lvit(folder)]
     val = [s for folder in args.val for s in read_lvit(folder)] if args.val else []
     if args.limit:
