@@ -72,6 +72,10 @@ def test_cache_folder_is_pruned_least_recently_used_first(tiny_model, lvit_folde
     assert len(list(folder.glob("*.safetensors"))) == 2 and tiny.extractions == 4  # only the second was redone
     with pytest.raises(ValueError, match="positive"):
         FeatureCache(tiny_model, folder, max_gb=0)
+    # the command-line prune: down to one file, then to none
+    assert main(["prune-cache", str(folder), "--max-gb", str(1.5 * size / 2**30)]) == 0
+    assert [p.name for p in folder.glob("*.safetensors")] == [second.name]  # the most recently used one stays
+    assert main(["prune-cache", str(folder)]) == 0 and not list(folder.glob("*.safetensors"))
 
 
 def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model, lvit_folder, tmp_path):

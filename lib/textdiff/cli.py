@@ -152,6 +152,21 @@ def cmd_convert_adm(args) -> int:
     return 0
 
 
+def cmd_prune_cache(args) -> int:
+    from .train import prune_cache
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no feature cache folder at {folder}")
+    if args.max_gb < 0:
+        raise ValueError(f"--max-gb must be >= 0, got {args.max_gb}")
+    before = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    freed = prune_cache(folder, int(args.max_gb * 2**30))
+    print(f"{folder}: {before / 2**30:.2f} GB -> {(before - freed) / 2**30:.2f} GB ({freed / 2**30:.2f} GB freed, "
+          "least recently used first)")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from . import benchmark
 
@@ -241,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="diffusers save_pretrained folder to write")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="guided-diffusion flags")
     p.set_defaults(func=cmd_convert_adm)
+
+    p = sub.add_parser("prune-cache", help="shrink a --cache-dir folder, least recently used feature files first")
+    p.add_argument("folder")
+    p.add_argument("--max-gb", type=float, default=0.0, help="size to keep (default 0: delete every feature file)")
+    p.set_defaults(func=cmd_prune_cache)
 
     p = sub.add_parser("benchmark", help="measure extraction/training speed-ups, REST infer time, peak memory")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")

@@ -171,28 +171,11 @@ class FeatureCache:
         _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
 
     def prune(self) -> int:
-        """Delete the least recently used feature files until the folder fits ``max_gb``; never a file this cache
-        has used (a mapped file stays readable after deletion on POSIX, but it would be extracted again next run).
-        Returns the bytes freed."""
-        if self.cache_dir is None or self.max_bytes is None or not self.cache_dir.is_dir():
+        """Keep the folder under ``max_gb`` (see ``prune_cache``), never deleting a file this cache has used (a
+        mapped file stays readable after deletion on POSIX, but it would be extracted again next run)."""
+        if self.cache_dir is None or self.max_bytes is None:
             return 0
-        files = []
-        for path in self.cache_dir.glob("*.safetensors"):
-            try:
-                info = path.stat()
-            except FileNotFoundError:  # another process pruned it
-                continue
-            files.append((info.st_mtime, info.st_size, path))
-        total, freed = sum(f[1] for f in files), 0
-        in_use = {f"{key}.safetensors" for key in self.memory}
-        for _, size, path in sorted(files):
-            if total - freed <= self.max_bytes:
-                break
-            if path.name in in_use:
-                continue
-            path.unlink(missing_ok=True)
-            freed += size
-        return freed
+        return prune_cache(self.cache_dir, self.max_bytes, keep={f"{key}.safetensors" for key in self.memory})
 
     def _load_disk(self, key: str):
         path = self.cache_dir / f"{key}.safetensors"
@@ -213,6 +196,27 @@ class FeatureCache:
 
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+
+def prune_cache(folder: str | Path, max_bytes: int, keep: set[str] = frozenset()) -> int:
+    """Delete a feature cache folder's least recently used files (mtime; a cache hit refreshes it) until it holds at
+    most ``max_bytes``, sparing the file names in ``keep``. Returns the bytes freed."""
+    files = []
+    for path in Path(folder).glob("*.safetensors"):
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # another process pruned it
+            continue
+        files.append((info.st_mtime, info.st_size, path))
+    total, freed = sum(f[1] for f in files), 0
+    for _, size, path in sorted(files):
+        if total - freed <= max_bytes:
+            break
+        if path.name in keep:
+            continue
+        path.unlink(missing_ok=True)
+        freed += size
+    return freed
 
 
 def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
