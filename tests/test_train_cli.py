@@ -78,6 +78,22 @@ def test_cache_folder_is_pruned_least_recently_used_first(tiny_model, lvit_folde
     assert main(["prune-cache", str(folder)]) == 0 and not list(folder.glob("*.safetensors"))
 
 
+def test_heap_is_trimmed_every_few_extracted_images(tiny_model, lvit_folder, monkeypatch):
+    import textdiff.train as train_module
+
+    assert isinstance(train_module.release_free_heap(), bool)  # glibc here: frees pages, never raises
+    calls = []
+    monkeypatch.setattr(train_module, "release_free_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(train_module, "TRIM_EVERY", 2)
+    cache = FeatureCache(tiny_model)
+    samples = read_lvit(lvit_folder)
+    for sample in samples:
+        cache.get(sample)
+    assert len(calls) == len(samples) // 2
+    cache.get(samples[0])  # a cache hit extracts nothing and trims nothing
+    assert len(calls) == len(samples) // 2
+
+
 def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model, lvit_folder, tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -87,6 +87,27 @@ def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, size_hw[1] - w, 0, size_hw[0] - h), value=value)
 
 
+TRIM_EVERY = 16  # images extracted between heap trims: <= ~0.3 GB of growth, ~0.3 % of the extraction time
+
+
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    glibc raises its mmap threshold each time a large block is freed, after which multi-MB feature maps come from
+    the heap, and freed ones stay with the process: extracting 1700 chest X-rays grew it by ~14 MB of anonymous
+    memory per image until the kernel killed it at 24 GB. Trimming keeps it flat; it costs the next extraction
+    ~5 % (fresh pages), so callers trim every few images (a fixed 1 MB mmap threshold also kept memory flat, but
+    made every backbone forward ~35 % slower)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 class FeatureCache:
     """Frozen tile features keyed by image content + everything that shapes them; in memory, optionally on disk.
 
@@ -104,6 +125,7 @@ class FeatureCache:
         self.batch_size = batch_size
         self.memory: dict[str, tuple[list[list[torch.Tensor]], list[tuple[int, int]], tuple[int, int]]] = {}
         self.extractions = 0  # backbone forwards run (tiles), for tests and reports
+        self._extracted_since_trim = 0
         c = model.config
         # 16-bit storage; bf16 where the head runs in bf16, so autocast does not copy the widest maps once more
         self.dtype = torch.bfloat16 if resolve_precision(c.precision, model.device) == "bf16" else torch.float16
@@ -162,6 +184,11 @@ class FeatureCache:
             feats = model.features(batch)
             self.extractions += batch.shape[0]
             features += [[f[k].to(self.dtype).cpu() for f in feats] for k in range(batch.shape[0])]
+        del feats, batch
+        self._extracted_since_trim += 1
+        if self._extracted_since_trim >= TRIM_EVERY:
+            release_free_heap()
+            self._extracted_since_trim = 0
         return features, starts, scaled
 
     def _save_disk(self, key: str, features, starts, scaled) -> None:
@@ -374,6 +401,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+        release_free_heap()  # once per epoch: see release_free_heap
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": round(time.time() - epoch_started, 2)}
         stopping = should_stop is not None and should_stop()
         if val_images and (epoch % config.val_every == 0 or epoch == config.epochs or stopping):
