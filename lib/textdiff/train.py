@@ -34,8 +34,8 @@ from .model import TextDiffModel, _atomic_write
 
 # Dihedral variants applied to the image before feature extraction: (number of 90° turns, horizontal flip).
 VARIANTS = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
-# A feature file is ~2 (MoNuSeg at x0.5) to ~17 MB (256 px CXR) per image; without a cap every recipe tried keeps its
-# features forever (one development machine reached 57 GB).
+# Features take ~16 MB per 256 px tile (a chest X-ray is one tile, a 1000 px H&E image at x0.5 four); without a cap
+# every recipe tried keeps its features forever (one development machine reached 57 GB).
 DEFAULT_CACHE_MAX_GB = 20.0
 
 
