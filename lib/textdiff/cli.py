@@ -153,14 +153,14 @@ def cmd_convert_adm(args) -> int:
 
 
 def cmd_prune_cache(args) -> int:
-    from .train import prune_cache
+    from .train import CACHE_FILE_NAME, prune_cache
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no feature cache folder at {folder}")
     if args.max_gb < 0:
         raise ValueError(f"--max-gb must be >= 0, got {args.max_gb}")
-    before = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    before = sum(p.stat().st_size for p in folder.glob("*.safetensors") if CACHE_FILE_NAME.fullmatch(p.name))
     freed = prune_cache(folder, int(args.max_gb * 2**30))
     print(f"{folder}: {before / 2**30:.2f} GB -> {(before - freed) / 2**30:.2f} GB ({freed / 2**30:.2f} GB freed, "
           "least recently used first)")

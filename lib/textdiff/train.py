@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -225,11 +226,16 @@ class FeatureCache:
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
 
 
+CACHE_FILE_NAME = re.compile(r"[0-9a-f]{24}\.safetensors")  # FeatureCache.key + suffix
+
+
 def prune_cache(folder: str | Path, max_bytes: int, keep: set[str] = frozenset()) -> int:
     """Delete a feature cache folder's least recently used files (mtime; a cache hit refreshes it) until it holds at
     most ``max_bytes``, sparing the file names in ``keep``. Returns the bytes freed."""
     files = []
     for path in Path(folder).glob("*.safetensors"):
+        if not CACHE_FILE_NAME.fullmatch(path.name):  # only files this cache wrote: never a model's weights
+            continue
         try:
             info = path.stat()
         except FileNotFoundError:  # another process pruned it
