@@ -33,10 +33,17 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("a\n<!-- results:begin -->\nold\n<!-- results:end -->\nb\n")
     for seed, dice in enumerate((0.7, 0.8)):
         (tmp_path / "docs/results/runs" / f"monuseg-curve-textdiff-n24-s{seed}.json").write_text(
-            json.dumps({"dice": dice, "iou": dice - 0.1, "recipe": script.recipe()}))
+            json.dumps({"dice": dice, "iou": dice - 0.1, "recipe": script.recipe("monuseg")}))
     # a run of an older recipe is shown apart and redone, not averaged in
     (tmp_path / "docs/results/runs/monuseg-curve-textdiff-n12-s0.json").write_text(json.dumps({"dice": 0.1, "iou": 0.1}))
     assert not script.done("monuseg-curve-textdiff-n12-s0") and script.done("monuseg-curve-textdiff-n24-s1")
+    # a run trained on a smaller step budget than the dataset's current one is redone too
+    older = {**script.recipe("covid"), "step_budget": script.STEP_BUDGET["covid"] // 3}
+    for name, run in (("covid-curve-textdiff-n300-s0", {"recipe": older}),
+                      ("covid-curve-notext-n100-s0", {"recipe": {k: v for k, v in older.items() if k != "step_budget"}})):
+        (tmp_path / "docs/results/runs" / f"{name}.json").write_text(json.dumps({"dice": 0.6, "iou": 0.5, **run}))
+        assert not script.done(name)
+    assert script.is_current({"recipe": script.recipe("covid")}, "covid-curve-notext-n100-s0")
     script.plots()
     summary = json.loads((tmp_path / "docs/results/summary.json").read_text())
     assert abs(summary["curves"]["monuseg/textdiff/24"]["mean"] - 0.75) < 1e-9
