@@ -44,6 +44,11 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
         (tmp_path / "docs/results/runs" / f"{name}.json").write_text(json.dumps({"dice": 0.6, "iou": 0.5, **run}))
         assert not script.done(name)
     assert script.is_current({"recipe": script.recipe("covid")}, "covid-curve-notext-n100-s0")
+    # a U-Net given fewer steps than TextDiff's budget is not a fair baseline: redone as well
+    assert script.UNET_STEPS["covid"] >= script.STEP_BUDGET["covid"]
+    assert not script.is_current({"steps": 3000}, "covid-curve-unet-n100-s0")
+    assert script.is_current({"steps": script.UNET_STEPS["covid"]}, "covid-curve-unet-n100-s0")
+    assert script.is_current({"steps": 3000}, "monuseg-curve-unet-n1-s0")
     script.plots()
     summary = json.loads((tmp_path / "docs/results/summary.json").read_text())
     assert abs(summary["curves"]["monuseg/textdiff/24"]["mean"] - 0.75) < 1e-9
