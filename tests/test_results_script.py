@@ -49,12 +49,30 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert not script.is_current({"steps": 3000}, "covid-curve-unet-n100-s0")
     assert script.is_current({"steps": script.UNET_STEPS["covid"]}, "covid-curve-unet-n100-s0")
     assert script.is_current({"steps": 3000}, "monuseg-curve-unet-n1-s0")
+    # the U-Net comparison and #7's goal are worded from the numbers, not typed in
+    for name, dice in (("monuseg-curve-unet-n24-s0", 0.7), ("monuseg-curve-unet-n1-s0", 0.5),
+                       ("monuseg-curve-textdiff-n1-s0", 0.6)):
+        (tmp_path / "docs/results/runs" / f"{name}.json").write_text(json.dumps(
+            {"dice": dice, "iou": dice - 0.1, "steps": 3000, "recipe": script.recipe("monuseg")}))
+    script.plots()
+    readme = (tmp_path / "README.md").read_text()
+    assert "above the U-Net's at 1 (0.6000 vs 0.5000), 24 (0.7500 vs 0.7000) labels and below at no point;" in readme
+    assert "up to 6 labels): **not all its points run yet**" in readme
+    (tmp_path / "docs/results/runs/monuseg-curve-unet-n24-s0.json").write_text(json.dumps({"dice": 0.9, "iou": 0.8}))
+    for n in (3, 6):
+        for method, dice in (("textdiff", 0.6), ("unet", 0.65 if n == 6 else 0.55)):
+            (tmp_path / "docs/results/runs" / f"monuseg-curve-{method}-n{n}-s0.json").write_text(json.dumps(
+                {"dice": dice, "iou": dice - 0.1, "recipe": script.recipe("monuseg")}))
     script.plots()
     summary = json.loads((tmp_path / "docs/results/summary.json").read_text())
     assert abs(summary["curves"]["monuseg/textdiff/24"]["mean"] - 0.75) < 1e-9
     assert "monuseg/textdiff/12" not in summary["curves"] and "monuseg-curve-textdiff-n12-s0" in summary["stale_runs"]
     assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
     readme = (tmp_path / "README.md").read_text()
+    assert "below at 6 (0.6000 vs 0.6500), 24 (0.7500 vs 0.9000) labels;" in readme and "**not met**" in readme
+    (tmp_path / "docs/results/runs/monuseg-curve-unet-n6-s0.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4}))
+    script.plots()
+    assert "up to 6 labels): **met**" in (tmp_path / "README.md").read_text()
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
 
 
