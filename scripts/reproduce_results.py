@@ -61,8 +61,8 @@ def is_current(run: dict, name: str) -> bool:
     dataset = name.split("-", 1)[0]
     old = {"upsampler_input": False, "include_image": False, "position": False,
            "step_budget": FIRST_STEP_BUDGET[dataset], **run.get("recipe", {})}
-    if "-unet-" in name:  # U-Net runs depend only on their step count
-        return run.get("steps", 3000) >= UNET_STEPS[dataset]
+    if "-unet-" in name:  # U-Net runs depend only on their step count and weight selection
+        return run.get("steps", 3000) >= UNET_STEPS[dataset] and run.get("checks") == UNET_CHECKS
     current = recipe(dataset)
     if "notext" in name:
         old.pop("position"), current.pop("position")
@@ -77,6 +77,7 @@ FIRST_STEP_BUDGET = {"monuseg": 240, "covid": 1500}  # what runs written before 
 # the U-Net from scratch gets at least TextDiff's budget (a fair comparison), and never under 3000 steps: from
 # scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 240 steps)
 UNET_STEPS = {dataset: max(3000, budget) for dataset, budget in STEP_BUDGET.items()}
+UNET_CHECKS = 10  # evaluations to select the U-Net's weights from, as TextDiff's ~10 validations (epochs // 10)
 BEAT_UNET_UP_TO = {"monuseg": 6, "covid": 100}  # #7: TextDiff should beat the U-Net up to these label counts
 NAMES = {"monuseg": "MoNuSeg", "covid": "COVID-QU-Ex"}
 WINDOWS_PER_IMAGE = {"monuseg": 4, "covid": 1}  # 1000 px tiles at x0.5 / 256 px CXR, in 256 px windows
@@ -136,10 +137,12 @@ def run_unet(dataset: str, n: int, seed: int) -> dict:
     train_all, val = splits(dataset)
     chosen = subset(train_all, n, seed)
     start = time.time()
-    net = train_unet(chosen, scale_of(dataset), steps=UNET_STEPS[dataset], seed=seed)
+    net = train_unet(chosen, scale_of(dataset), steps=UNET_STEPS[dataset], seed=seed, select_on=val,
+                     checks=UNET_CHECKS)
     result = evaluate_unet(net, val, scale_of(dataset))
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
-            "steps": net.steps_trained, "wall_s": round(time.time() - start, 1)}
+            "steps": net.steps_trained, "best_step": net.best_step, "checks": UNET_CHECKS,
+            "wall_s": round(time.time() - start, 1)}
 
 
 def record_model(name: str, model_dir: str) -> dict:
@@ -285,8 +288,8 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
                   f"read, made by the runs {', '.join(made_by)}.", ""]
         lines += [f"![{p.stem}](results/gallery/{p.parent.name}/{p.name})" for p in gallery]
     if stale:
-        lines += ["", "## Runs of a previous recipe (a smaller step budget, no report positions, or older: upsampler "
-                  "outputs hooked, no image input), kept until redone", "",
+        lines += ["", "## Runs of a previous recipe (a smaller step budget, a U-Net that kept its last weights, no report "
+                  "positions, or older: upsampler outputs hooked, no image input), kept until redone", "",
                   "| run | Dice / IoU |", "|---|---|"]
         lines += [f"| {name} | {_cell(stale, name)} |" for name in sorted(stale)]
     lines += ["", "## Recipe", "",
@@ -294,7 +297,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
               "more input, report attention told where each token lies in the image, steps 50/150/250, 256 px tiles",
               "and windows; U-Net: MONAI UNet 16-256 channels, "
               f"{UNET_STEPS['monuseg']} (MoNuSeg) / {UNET_STEPS['covid']} (COVID-QU-Ex) steps",
-              "of 4 windows, same augmentation, its last weights),",
+              "of 4 windows, same augmentation, the best of 10 evaluations kept as for TextDiff),",
               "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; a budget of "
               f"{STEP_BUDGET['monuseg']} (MoNuSeg) / {STEP_BUDGET['covid']} (COVID-QU-Ex)",
               "optimizer steps of 4 windows whatever the number of labels (at least 10 epochs; validation every",

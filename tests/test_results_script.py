@@ -46,23 +46,28 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert script.is_current({"recipe": script.recipe("covid")}, "covid-curve-notext-n100-s0")
     # a U-Net given fewer steps than TextDiff's budget is not a fair baseline: redone as well
     assert script.UNET_STEPS["covid"] >= script.STEP_BUDGET["covid"]
-    assert not script.is_current({"steps": 3000}, "covid-curve-unet-n100-s0")
-    assert script.is_current({"steps": script.UNET_STEPS["covid"]}, "covid-curve-unet-n100-s0")
-    assert script.is_current({"steps": 3000}, "monuseg-curve-unet-n1-s0")
+    checked = {"checks": script.UNET_CHECKS}
+    assert not script.is_current({"steps": 3000, **checked}, "covid-curve-unet-n100-s0")
+    assert script.is_current({"steps": script.UNET_STEPS["covid"], **checked}, "covid-curve-unet-n100-s0")
+    assert script.is_current({"steps": 3000, **checked}, "monuseg-curve-unet-n1-s0")
+    # ... and so is one that kept its last weights while TextDiff kept its best validation
+    assert not script.is_current({"steps": 3000}, "monuseg-curve-unet-n1-s0")
     # the U-Net comparison and #7's goal are worded from the numbers, not typed in
     for name, dice in (("monuseg-curve-unet-n24-s0", 0.7), ("monuseg-curve-unet-n1-s0", 0.5),
                        ("monuseg-curve-textdiff-n1-s0", 0.6)):
         (tmp_path / "docs/results/runs" / f"{name}.json").write_text(json.dumps(
-            {"dice": dice, "iou": dice - 0.1, "steps": 3000, "recipe": script.recipe("monuseg")}))
+            {"dice": dice, "iou": dice - 0.1, "steps": 3000, "checks": script.UNET_CHECKS,
+             "recipe": script.recipe("monuseg")}))
     script.plots()
     readme = (tmp_path / "README.md").read_text()
     assert "above the U-Net's at 1 (0.6000 vs 0.5000), 24 (0.7500 vs 0.7000) labels and below at no point;" in readme
     assert "up to 6 labels): **not all its points run yet**" in readme
-    (tmp_path / "docs/results/runs/monuseg-curve-unet-n24-s0.json").write_text(json.dumps({"dice": 0.9, "iou": 0.8}))
+    unet = {"steps": 3000, "checks": script.UNET_CHECKS}
+    (tmp_path / "docs/results/runs/monuseg-curve-unet-n24-s0.json").write_text(json.dumps({"dice": 0.9, "iou": 0.8, **unet}))
     for n in (3, 6):
         for method, dice in (("textdiff", 0.6), ("unet", 0.65 if n == 6 else 0.55)):
             (tmp_path / "docs/results/runs" / f"monuseg-curve-{method}-n{n}-s0.json").write_text(json.dumps(
-                {"dice": dice, "iou": dice - 0.1, "recipe": script.recipe("monuseg")}))
+                {"dice": dice, "iou": dice - 0.1, "recipe": script.recipe("monuseg"), **unet}))
     script.plots()
     summary = json.loads((tmp_path / "docs/results/summary.json").read_text())
     assert abs(summary["curves"]["monuseg/textdiff/24"]["mean"] - 0.75) < 1e-9
@@ -70,7 +75,7 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
     readme = (tmp_path / "README.md").read_text()
     assert "below at 6 (0.6000 vs 0.6500), 24 (0.7500 vs 0.9000) labels;" in readme and "**not met**" in readme
-    (tmp_path / "docs/results/runs/monuseg-curve-unet-n6-s0.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4}))
+    (tmp_path / "docs/results/runs/monuseg-curve-unet-n6-s0.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4, **unet}))
     script.plots()
     assert "up to 6 labels): **met**" in (tmp_path / "README.md").read_text()
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
@@ -86,9 +91,15 @@ def test_unet_baseline_trains_and_evaluates(lvit_folder):
 
     samples = read_lvit(lvit_folder)
     net = train_unet(samples[:2], scale=1.0, window=32, steps=2)
-    assert net.steps_trained == 2
+    assert net.steps_trained == 2 and net.best_step == 2
     result = evaluate_unet(net, samples[2:], scale=1.0, window=32)
     assert result["n"] == len(samples[2:]) and 0.0 <= result["dice"] <= 1.0
+    # selection on the evaluation set keeps the weights that scored best there, like TextDiff's validation
+    net = train_unet(samples[:2], scale=1.0, window=32, steps=6, select_on=samples[2:], checks=3)
+    assert net.best_step in (2, 4, 6)
+    kept = evaluate_unet(net, samples[2:], scale=1.0, window=32)["dice"]
+    last = train_unet(samples[:2], scale=1.0, window=32, steps=6)  # same seed, no selection: the step-6 weights
+    assert kept >= evaluate_unet(last, samples[2:], scale=1.0, window=32)["dice"] - 1e-6
 
 
 def test_split_zip_encoder_wheels_are_assembled_into_a_model_folder(tmp_path):
