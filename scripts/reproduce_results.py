@@ -139,7 +139,7 @@ def run_unet(dataset: str, n: int, seed: int) -> dict:
     start = time.time()
     net = train_unet(chosen, scale_of(dataset), steps=UNET_STEPS[dataset], seed=seed, select_on=val,
                      checks=UNET_CHECKS)
-    result = evaluate_unet(net, val, scale_of(dataset))
+    result = net.selection_result or evaluate_unet(net, val, scale_of(dataset))
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
             "steps": net.steps_trained, "best_step": net.best_step, "checks": UNET_CHECKS,
             "wall_s": round(time.time() - start, 1)}

@@ -62,13 +62,15 @@ def train_unet(train: list[Sample], scale: float, window: int = 256, steps: int 
         optimizer.step()
         scheduler.step()
         if select_on and ((step + 1) % max(1, steps // checks) == 0 or step + 1 == steps):
-            dice = evaluate_unet(net.eval(), select_on, scale, window, channels)["dice"]
+            result = evaluate_unet(net.eval(), select_on, scale, window, channels)
             net.train()
-            if dice > best["dice"]:
-                best = {"dice": dice, "step": step + 1, "state": copy.deepcopy(net.state_dict())}
+            if result["dice"] > best["dice"]:
+                best = {"dice": result["dice"], "step": step + 1, "state": copy.deepcopy(net.state_dict()),
+                        "result": result}
     if select_on:
         net.load_state_dict(best["state"])
-    net.steps_trained, net.best_step = steps, best["step"]
+    # the selection's own scores of the kept weights, so the caller need not evaluate them again
+    net.steps_trained, net.best_step, net.selection_result = steps, best["step"], best.get("result")
     return net.eval()
 
 

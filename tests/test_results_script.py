@@ -98,6 +98,7 @@ def test_unet_baseline_trains_and_evaluates(lvit_folder):
     net = train_unet(samples[:2], scale=1.0, window=32, steps=6, select_on=samples[2:], checks=3)
     assert net.best_step in (2, 4, 6)
     kept = evaluate_unet(net, samples[2:], scale=1.0, window=32)["dice"]
+    assert abs(net.selection_result["dice"] - kept) < 1e-6  # the selection's score is the kept weights' score
     last = train_unet(samples[:2], scale=1.0, window=32, steps=6)  # same seed, no selection: the step-6 weights
     assert kept >= evaluate_unet(last, samples[2:], scale=1.0, window=32)["dice"] - 1e-6
 
