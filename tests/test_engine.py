@@ -378,3 +378,36 @@ def test_models_saved_before_upsampler_input_keep_hooking_outputs():
 
     assert ModelConfig.from_dict({}).upsampler_input is True  # new models
     assert ModelConfig.from_dict({"feature_channels": [4, 8]}).upsampler_input is False  # a trained, older config
+
+
+def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
+    """The fingerprint keys the feature cache and flags a head loaded on another backbone: it must be the same on
+    every machine (a float sum of the weights changes with the thread count) and see any change of any weight."""
+    from diffusers import UNet2DModel
+
+    from textdiff.backbone import weights_digest
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 128),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=32)
+    with torch.no_grad():  # values whose float32 sum depends on the order it is taken in
+        for p in unet.parameters():
+            scales = torch.logspace(-4, 4, p.numel())[torch.randperm(p.numel())].reshape(p.shape)
+            p.copy_(torch.randn_like(p) * scales)
+
+    def digest(threads: int) -> str:
+        unet.__dict__.pop("_textdiff_digest", None)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return weights_digest(unet).hexdigest()
+        finally:
+            torch.set_num_threads(before)
+
+    first = digest(1)
+    assert digest(2) == first == digest(4)
+    weight = max(unet.parameters(), key=lambda p: p.numel())
+    with torch.no_grad():
+        weight.view(-1)[1] += 1e-3  # not one of every 4096th element
+    assert digest(1) != first
