@@ -58,3 +58,23 @@ def test_pretrain_under_torchrun_with_two_cpu_processes(image_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["world_size"] == 2 and recipe["step"] == 2
+
+
+def test_ema_follows_the_weights_in_a_short_pretraining(image_folder, tmp_path):
+    """A plain 0.999 EMA of a short run is still mostly its random init (0.999^1200 = 30 % of it after 1200
+    steps): the backbone it saves would be barely trained. With the warm-up the EMA moves with the weights."""
+    out = tmp_path / "backbone"
+    assert main(["pretrain", "--images", str(image_folder), "--out", str(out), "--steps", "30", "--lr", "1e-2",
+                 *TINY]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.manual_seed(0)  # the pretraining builds its UNet under seed 0 too: its init, rebuilt
+    from diffusers import UNet2DModel
+
+    from textdiff.pretrain import unet_config
+
+    init = UNet2DModel(sample_size=32, **unet_config([8, 16])).state_dict()
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    moved = sum((state["unet"][k].float() - init[k].float()).norm() ** 2 for k in init) ** 0.5
+    ema_moved = sum((ema[k].float() - init[k].float()).norm() ** 2 for k in init) ** 0.5
+    assert moved > 0
+    assert ema_moved > 0.5 * moved  # plain 0.999 EMA: ~0.2

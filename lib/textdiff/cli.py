@@ -124,9 +124,12 @@ def cmd_infer(args) -> int:
 def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain, unet_config
 
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError("--ema-decay must be in [0, 1)")
     config = PretrainConfig(images=args.images, out=args.out, size=args.size, scale=args.scale or [1.0],
                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            checkpoint_every=args.checkpoint_every, minutes=args.minutes, precision=args.precision)
+                            checkpoint_every=args.checkpoint_every, minutes=args.minutes, precision=args.precision,
+                            ema_decay=args.ema_decay)
     if args.channels:
         config.unet = unet_config(args.channels)
     out = pretrain(config, resume=args.resume)
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="EMA decay of the saved weights (after a warm-up); ~1 - 1/steps averages over the last steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--minutes", type=float, help="stop (checkpointed) after this much time; --resume goes on")

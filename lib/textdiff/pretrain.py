@@ -106,6 +106,16 @@ def random_crops(pools, size, batch, generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+def ema_with_warmup(decay: float):
+    """EMA whose decay grows as min(decay, (1 + n) / (10 + n)) over its first updates. A plain 0.999 EMA of a short
+    CPU run is mostly its random init (0.999^1200 = 30 % after 1200 steps), so the backbone it saves is barely
+    trained; with the warm-up it follows the weights early on and averages over ~1000 steps later."""
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return update
+
+
 def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -114,8 +124,9 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True
     checkpoint_path = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
 
+    torch.manual_seed(config.seed)  # the init too is part of the recipe (DDP copies rank 0's anyway)
     unet = UNet2DModel(sample_size=config.size, **config.unet).to(device)
-    ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
+    ema = torch.optim.swa_utils.AveragedModel(unet, multi_avg_fn=ema_with_warmup(config.ema_decay))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     step, wall_before = 0, 0.0
     if resume and checkpoint_path.is_file():
@@ -147,7 +158,7 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True
         torch.save(state, tmp)
         os.replace(tmp, checkpoint_path)
         ema.module.save_pretrained(out)  # the EMA weights are the backbone
-        recipe = asdict(config) | {"step": step, "world_size": world, "device": str(device), "precision": precision,
+        recipe = asdict(config) | {"ema_warmup": True, "step": step, "world_size": world, "device": str(device), "precision": precision,
                                    "planes": [len(p) for p in pools],
                                    "wall_s": round(wall_before + time.time() - started, 1), "final": final}
         (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
