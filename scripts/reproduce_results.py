@@ -10,6 +10,7 @@ command resumes where it stopped (a full CPU run takes many hours; run it again 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -52,7 +53,15 @@ def recipe(dataset: str) -> dict:
 
     default = ModelConfig()
     return {"upsampler_input": default.upsampler_input, "include_image": default.include_image,
-            "position": default.position, "step_budget": STEP_BUDGET[dataset]}
+            "position": default.position, "step_budget": STEP_BUDGET[dataset], "backbone": default_backbone()}
+
+
+@functools.lru_cache(maxsize=None)
+def default_backbone() -> str:
+    """Digest of the shipped backbone's weights: runs made on another default backbone are redone."""
+    from textdiff.backbone import DEFAULT_BACKBONE, load_unet, weights_digest
+
+    return weights_digest(load_unet(DEFAULT_BACKBONE)).hexdigest()[:12]
 
 
 def is_current(run: dict, name: str) -> bool:
@@ -60,7 +69,7 @@ def is_current(run: dict, name: str) -> bool:
     # the report's position input changes nothing without a report
     dataset = name.split("-", 1)[0]
     old = {"upsampler_input": False, "include_image": False, "position": False,
-           "step_budget": FIRST_STEP_BUDGET[dataset], **run.get("recipe", {})}
+           "step_budget": FIRST_STEP_BUDGET[dataset], "backbone": FIRST_BACKBONE, **run.get("recipe", {})}
     if "-unet-" in name:  # U-Net runs depend only on their step count and weight selection
         return run.get("steps", 3000) >= UNET_STEPS[dataset] and run.get("checks") == UNET_CHECKS
     current = recipe(dataset)
@@ -74,6 +83,7 @@ def is_current(run: dict, name: str) -> bool:
 # 0.6738 after 4500; MoNuSeg's runs peak well before 240.
 STEP_BUDGET = {"monuseg": 240, "covid": 4500}
 FIRST_STEP_BUDGET = {"monuseg": 240, "covid": 1500}  # what runs written before the budget was recorded used
+FIRST_BACKBONE = "edba7b9af283"  # the first shipped backbone (EMA at step 1200), of runs made before it was recorded
 # the U-Net from scratch gets at least TextDiff's budget (a fair comparison), and never under 3000 steps: from
 # scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 240 steps)
 UNET_STEPS = {dataset: max(3000, budget) for dataset, budget in STEP_BUDGET.items()}

@@ -44,6 +44,15 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
         (tmp_path / "docs/results/runs" / f"{name}.json").write_text(json.dumps({"dice": 0.6, "iou": 0.5, **run}))
         assert not script.done(name)
     assert script.is_current({"recipe": script.recipe("covid")}, "covid-curve-notext-n100-s0")
+    # ... and one made on another default backbone (runs from before the field: the first shipped backbone)
+    assert not script.is_current({"recipe": {**script.recipe("covid"), "backbone": "0" * 12}}, "covid-curve-notext-n300-s0")
+    shipped = script.default_backbone
+    unrecorded = {k: v for k, v in script.recipe("covid").items() if k != "backbone"}
+    monkeypatch.setattr(script, "default_backbone", lambda: script.FIRST_BACKBONE)
+    assert script.is_current({"recipe": unrecorded}, "covid-curve-textdiff-n300-s0")
+    monkeypatch.setattr(script, "default_backbone", lambda: "1" * 12)
+    assert not script.is_current({"recipe": unrecorded}, "covid-curve-textdiff-n300-s0")
+    monkeypatch.setattr(script, "default_backbone", shipped)
     # a U-Net given fewer steps than TextDiff's budget is not a fair baseline: redone as well
     assert script.UNET_STEPS["covid"] >= script.STEP_BUDGET["covid"]
     checked = {"checks": script.UNET_CHECKS}
