@@ -158,8 +158,8 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True
         torch.save(state, tmp)
         os.replace(tmp, checkpoint_path)
         ema.module.save_pretrained(out)  # the EMA weights are the backbone
-        recipe = asdict(config) | {"ema_warmup": True, "step": step, "world_size": world, "device": str(device), "precision": precision,
-                                   "planes": [len(p) for p in pools],
+        recipe = asdict(config) | {"ema_warmup": True, "step": step, "world_size": world, "device": str(device),
+                                   "precision": precision, "planes": [len(p) for p in pools],
                                    "wall_s": round(wall_before + time.time() - started, 1), "final": final}
         (out / "recipe.json").write_text(json.dumps(recipe, indent=2))
 
