@@ -130,6 +130,14 @@ def test_encoder_caches_and_truncates(tiny_encoder_dir):
     assert encoder.embed("") is None
 
 
+def test_local_encoder_load_draws_no_progress_bar(tiny_encoder_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    ReportEncoder.load(str(tiny_encoder_dir))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on for downloads and other users
+
+
 def test_embedded_default_encoder_loads_offline():
     encoder = ReportEncoder.load()
     tokens, mask = encoder.embed("The nuclei density in the upper right is high.")

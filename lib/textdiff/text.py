@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,21 @@ def resolve_encoder_source(source: str | None) -> str:
     return str(source)
 
 
+@contextmanager
+def _no_loading_bar():
+    """transformers draws a 'Loading weights' bar for every load, even of a local folder in milliseconds: noise in
+    every CLI run and server log. Hub downloads keep their bars (not wrapped)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 class ReportEncoder(nn.Module):
     """Token embeddings (L, D) + mask (L,) of a report from any transformers encoder; frozen, with a cache."""
 
@@ -63,7 +79,8 @@ class ReportEncoder(nn.Module):
         local = Path(path).expanduser()
         try:
             if local.is_dir():
-                return cls(AutoModel.from_pretrained(local), AutoTokenizer.from_pretrained(local), max_tokens)
+                with _no_loading_bar():
+                    return cls(AutoModel.from_pretrained(local), AutoTokenizer.from_pretrained(local), max_tokens)
             if path.startswith((".", "/", "~")):
                 raise TextEncoderLoadError(f"text encoder folder {path!r} does not exist")
             from .hub import hub_options
