@@ -69,7 +69,8 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
              "recipe": script.recipe("monuseg")}))
     script.plots()
     readme = (tmp_path / "README.md").read_text()
-    assert "above the U-Net's at 1 (0.6000 vs 0.5000), 24 (0.7500 vs 0.7000) labels and below at no point;" in readme
+    assert "above the U-Net's at 1 (0.6000 vs 0.5000), 24 (0.7500 vs 0.7000; 2 vs 1 seeds) labels and below at no point;" \
+        in readme
     assert "up to 6 labels): **not all its points run yet**" in readme
     unet = {"steps": 3000, "checks": script.UNET_CHECKS}
     (tmp_path / "docs/results/runs/monuseg-curve-unet-n24-s0.json").write_text(json.dumps({"dice": 0.9, "iou": 0.8, **unet}))
@@ -83,10 +84,18 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert "monuseg/textdiff/12" not in summary["curves"] and "monuseg-curve-textdiff-n12-s0" in summary["stale_runs"]
     assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
     readme = (tmp_path / "README.md").read_text()
-    assert "below at 6 (0.6000 vs 0.6500), 24 (0.7500 vs 0.9000) labels;" in readme and "**not met**" in readme
+    assert "below at 6 (0.6000 vs 0.6500), 24 (0.7500 vs 0.9000; 2 vs 1 seeds) labels;" in readme
+    assert "**not met**" in readme
     (tmp_path / "docs/results/runs/monuseg-curve-unet-n6-s0.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4, **unet}))
     script.plots()
-    assert "up to 6 labels): **met**" in (tmp_path / "README.md").read_text()
+    assert "up to 6 labels): **met so far, with fewer than 3 seeds at some points**" in (tmp_path / "README.md").read_text()
+    for n in (1, 3, 6):  # a goal is met only on every seed at every point
+        for seed in (1, 2):
+            for method, dice in (("textdiff", 0.6), ("unet", 0.5)):
+                (tmp_path / "docs/results/runs" / f"monuseg-curve-{method}-n{n}-s{seed}.json").write_text(json.dumps(
+                    {"dice": dice, "iou": dice - 0.1, "recipe": script.recipe("monuseg"), **unet}))
+    script.plots()
+    assert "up to 6 labels): **met**." in (tmp_path / "README.md").read_text()
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
 
 
