@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 
+DEVICE_HELP = "torch device, e.g. cpu, cuda:1 (default: cuda when present, else cpu)"
+PRECISION_HELP = "compute precision (default auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)"
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
@@ -32,10 +36,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upsampler-output", action="store_true",
                    help="hook upsampler units' outputs, not their inputs (the head then does not learn the 2x "
                         "upsampling; 4x larger cached map, slower extraction)")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64, help="width of the head's report attention (default 64)")
     p.add_argument("--text-min-stride", type=int, default=4,
                    help="scales at least this coarse attend to the report (default 4; 1 = every scale, as in the paper)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help=PRECISION_HELP)
     p.add_argument("--label", default="foreground", help="name of the foreground class (default foreground)")
 
 
@@ -185,7 +190,7 @@ def cmd_benchmark(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="textdiff", description="TextDiff: report-guided, label-efficient segmentation on frozen diffusion features.")
-    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log progress details; show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="few-shot training of the fusion head on LViT-format folders")
@@ -193,40 +198,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", action="append", help="LViT folder for model selection (repeatable)")
     p.add_argument("--out", required=True, help="model folder to write")
     _add_model_options(p)
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=50, help="passes over the training windows (default 50)")
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the head (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per head step (default 4)")
     p.add_argument("--variants", type=int, default=1, help="image-space flip/rotation variants cached per image (1-8)")
     p.add_argument("--no-feature-augment", action="store_true", help="no flips/rotations of the cached features")
     p.add_argument("--text-dropout", type=float, default=0.5, help="chance a window trains without its report")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and sampling (default 0)")
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--val-limit", type=int, help="use only the last N validation samples")
     p.add_argument("--cache-dir", help="also keep frozen features on disk here (reused across runs)")
     p.add_argument("--cache-max-gb", type=float,
                    help="the cache folder's size limit (default 20): least recently used feature files are deleted "
                         "beyond it (0 = no limit; the running job's own files are kept)")
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-image mean Dice / IoU at native resolution")
     p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model folder written by textdiff train")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--overlays", help="write image/ground truth/prediction PNGs here")
     p.add_argument("--limit", type=int, help="evaluate only the last N samples")
     p.add_argument("--ignore-reports", action="store_true", help="run without the reports (no-text path)")
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("infer", help="segment one image or volume")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model folder written by textdiff train (or 'default')")
     p.add_argument("--image", required=True, help="2D image, volume file or DICOM series folder")
     p.add_argument("--report", help="report text (omit to run without text)")
     p.add_argument("--out", required=True, help=".png for 2D, .nii.gz / .nrrd for volumes")
     p.add_argument("--scale-255", action="store_true", help="write labels as 0/255 instead of 0/1")
-    p.add_argument("--device")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("pretrain", help="train a diffusion backbone (DDPM) on unlabeled images")
@@ -234,16 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="backbone folder to write (save_pretrained + recipe.json)")
     p.add_argument("--size", type=int, default=256, help="random crop size")
     p.add_argument("--scale", type=float, action="append", help="resize factor, once or once per --images")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps in total (default 20000)")
+    p.add_argument("--batch-size", type=int, default=8, help="crops per step, over all processes (default 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay of the saved weights (after a warm-up); ~1 - 1/steps averages over the last steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, crops and noise (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
     p.add_argument("--minutes", type=float, help="stop (checkpointed) after this much time; --resume goes on")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
     p.add_argument("--channels", type=_ints, help="UNet widths per level (default 32,64,128,192)")
     p.set_defaults(func=cmd_pretrain)
 
@@ -263,13 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_adm)
 
     p = sub.add_parser("prune-cache", help="shrink a --cache-dir folder, least recently used feature files first")
-    p.add_argument("folder")
+    p.add_argument("folder", help="the --cache-dir folder of textdiff train")
     p.add_argument("--max-gb", type=float, default=0.0, help="size to keep (default 0: delete every feature file)")
     p.set_defaults(func=cmd_prune_cache)
 
     p = sub.add_parser("benchmark", help="measure extraction/training speed-ups, REST infer time, peak memory")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
-    p.add_argument("--backbone", default="default")
+    p.add_argument("--backbone", default="default", help="UNet2DModel folder or hub id (default: the shipped backbone)")
     p.add_argument("--model", default="default", help="model folder served for the REST infer timing")
     p.add_argument("--data", help="MoNuSeg LViT root (default ../shared/data/monuseg)")
     p.add_argument("--windows", type=int, default=4, help="256x256 windows timed for extraction")
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measured-epochs", type=int, default=3,
                    help="epochs the fast path really runs; the rest are totalled from their mean time (default 3)")
     p.add_argument("--reference-steps", type=int, default=12, help="reference-loop steps timed (then scaled)")
-    p.add_argument("--skip", action="append", choices=["extract", "train", "infer"])
+    p.add_argument("--skip", action="append", choices=["extract", "train", "infer"], help="leave this part out (repeatable)")
     p.add_argument("--adm", action="store_true",
                    help="also time the full ADM-256 layout (random weights, the paper's blocks) in windows/s against "
                         "the device's physical limit (~1 min on a 2-core CPU; meant for GPUs)")
