@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="random crop size")
     p.add_argument("--scale", type=float, action="append", help="resize factor, once or once per --images")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps in total (default 20000)")
-    p.add_argument("--batch-size", type=int, default=8, help="crops per step, over all processes (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="crops per step in each process (default 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     p.add_argument("--ema-decay", type=float, default=0.999,
                    help="EMA decay of the saved weights (after a warm-up); ~1 - 1/steps averages over the last steps")
