@@ -85,7 +85,7 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert (tmp_path / "docs/results/monuseg_label_efficiency.png").is_file()
     readme = (tmp_path / "README.md").read_text()
     assert "below at 6 (0.6000 vs 0.6500), 24 (0.7500 vs 0.9000; 2 vs 1 seeds) labels;" in readme
-    assert "**not met**" in readme
+    assert "**not met so far, with fewer than 3 seeds at some points**" in readme  # a seed could still turn it
     (tmp_path / "docs/results/runs/monuseg-curve-unet-n6-s0.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4, **unet}))
     script.plots()
     assert "up to 6 labels): **met so far, with fewer than 3 seeds at some points**" in (tmp_path / "README.md").read_text()
@@ -96,6 +96,11 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
                     {"dice": dice, "iou": dice - 0.1, "recipe": script.recipe("monuseg"), **unet}))
     script.plots()
     assert "up to 6 labels): **met**." in (tmp_path / "README.md").read_text()
+    for seed in (0, 1, 2):  # below on every seed at one goal point: settled
+        (tmp_path / "docs/results/runs" / f"monuseg-curve-unet-n3-s{seed}.json").write_text(json.dumps(
+            {"dice": 0.7, "iou": 0.6, "recipe": script.recipe("monuseg"), **unet}))
+    script.plots()
+    assert "up to 6 labels): **not met**." in (tmp_path / "README.md").read_text()
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
 
 
