@@ -273,6 +273,22 @@ def comparison_lines(summary: dict) -> list[str]:
     return lines
 
 
+def paired_lines(runs: dict) -> list[str]:
+    """TextDiff minus U-Net Dice per seed. Both draw the same labeled images for a seed, so each difference compares
+    like with like; at few labels the seed spread is as large as the gaps between the means."""
+    lines = ["| dataset | labels | " + " | ".join(f"seed {s}" for s in SEEDS) + " | TextDiff above on |",
+             "|---|---|" + "---|" * len(SEEDS) + "---|"]
+    for dataset, points in CURVES.items():
+        for n in points:
+            diffs = {s: runs[f"{dataset}-curve-textdiff-n{n}-s{s}"]["dice"] - runs[f"{dataset}-curve-unet-n{n}-s{s}"]["dice"]
+                     for s in SEEDS if all(f"{dataset}-curve-{m}-n{n}-s{s}" in runs for m in ("textdiff", "unet"))}
+            if diffs:
+                cells = [f"{diffs[s]:+.4f}" if s in diffs else "-" for s in SEEDS]
+                above = sum(d > 0 for d in diffs.values())
+                lines.append(f"| {NAMES[dataset]} | {n} | " + " | ".join(cells) + f" | {above} of {len(diffs)} seed{'s' * (len(diffs) > 1)} |")
+    return lines if len(lines) > 2 else []
+
+
 def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
     table = ["| dataset (train labels -> eval set) | TextDiff | random-init backbone | no text |", "|---|---|---|---|"]
@@ -301,7 +317,13 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
              "## Label-efficiency curves (mean ± std over seeds)", ""]
     for dataset in CURVES:
         lines += [f"![{dataset}](results/{dataset}_label_efficiency.png)", "", *curves[dataset], ""]
-    lines += verdicts + ["", "## Ablations (one seed)", "", "| run | Dice / IoU |", "|---|---|"]
+    lines += verdicts
+    paired = paired_lines(runs)
+    if paired:
+        lines += ["", "## TextDiff minus U-Net, seed by seed", "",
+                  "A seed picks the labeled images, the same for both methods, so each cell compares the two on the",
+                  "same labels (Dice difference; '-' where one of them has no run for that seed yet).", "", *paired]
+    lines += ["", "## Ablations (one seed)", "", "| run | Dice / IoU |", "|---|---|"]
     lines += [f"| {name} | {_cell(runs, name)} |" for name in sorted(runs) if "ablation" in name]
     gallery = sorted((OUT / "gallery").glob("*/*.png"))
     if gallery:

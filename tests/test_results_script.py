@@ -101,6 +101,12 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
             {"dice": 0.7, "iou": 0.6, "recipe": script.recipe("monuseg"), **unet}))
     script.plots()
     assert "up to 6 labels): **not met**." in (tmp_path / "README.md").read_text()
+    # the paired per-seed table: differences on the same labeled images, '-' where a seed lacks a run
+    results = (tmp_path / "docs/results.md").read_text()
+    assert "| MoNuSeg | 3 | -0.1000 | -0.1000 | -0.1000 | 0 of 3 seeds |" in results
+    assert "| MoNuSeg | 1 | +0.1000 | +0.1000 | +0.1000 | 3 of 3 seeds |" in results
+    assert "| MoNuSeg | 24 | -0.2000 | - | - | 0 of 1 seed |" in results
+    assert "| MoNuSeg | 12 |" not in results  # the n12 TextDiff run is stale and there is no U-Net run
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
 
 
