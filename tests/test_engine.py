@@ -310,6 +310,8 @@ def test_volume_inference_keeps_geometry(tiny_model, tmp_path):
     assert image.is_volume
     label = tiny_model.predict(image, "liver")
     assert label.shape == image.array.shape
+    with pytest.raises(ValueError, match="a volume's label cannot be written as .png"):
+        write_label(label, image, tmp_path / "label.png")
     out = write_label(label, image, tmp_path / "label.nrrd")
     written, ref = sitk.ReadImage(str(out)), image.reference
     assert written.GetSize() == ref.GetSize()

@@ -182,11 +182,19 @@ def test_cli_train_evaluate_infer(lvit_folder, tiny_unet_dir, tiny_encoder_dir, 
     assert set(np.unique(label)) <= {0, 1}
 
 
-def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+def test_cli_reports_bad_input_clearly(lvit_folder, tmp_path, capsys):
     assert main(["evaluate", "--data", str(tmp_path), "--model", str(tmp_path)]) == 2
     assert "not an LViT folder" in capsys.readouterr().err
-    assert main(["infer", "--model", str(tmp_path), "--image", "x.png", "--out", "y.png"]) == 2
+    image = str(lvit_folder / "img" / "case_0.png")
+    assert main(["infer", "--model", str(tmp_path), "--image", image, "--out", str(tmp_path / "y.png")]) == 2
     assert "not a TextDiff model folder" in capsys.readouterr().err
+    assert main(["infer", "--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--out", "y.png"]) == 2
+    assert "x.png" in capsys.readouterr().err
+    # an output no label can be written to is refused before the model is loaded or run (lossy JPEG included)
+    for out in ("y.txt", "y.jpg", "y"):
+        assert main(["infer", "--model", "default", "--image", image, "--out", str(tmp_path / out)]) == 2
+        assert "label cannot be written as" in capsys.readouterr().err
+    assert not list(tmp_path.glob("y*"))
 
 
 def test_help_lists_commands(capsys):

@@ -116,10 +116,11 @@ def cmd_evaluate(args) -> int:
 def cmd_infer(args) -> int:
     from tqdm.auto import tqdm
 
-    from .data import read_image, write_label
+    from .data import check_label_path, read_image, write_label
 
-    model = _load(args)
     image = read_image(args.image)
+    check_label_path(args.out, image.is_volume)
+    model = _load(args)
     label = model.predict(image, args.report, progress=lambda it: tqdm(it, desc="slices", unit="slice"))
     out = write_label(label, image, args.out, scale_255=args.scale_255)
     print(f"wrote {out} ({'x'.join(map(str, label.shape))}, foreground {float((label > 0).mean()):.1%})", file=sys.stderr)

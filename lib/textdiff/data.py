@@ -205,14 +205,28 @@ def label_to_sitk(label: np.ndarray, reference: Image) -> sitk.Image:
     return out
 
 
+# JPEG is lossy (it would blur label values) and a DICOM label needs metadata we do not have
+LABEL_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
+def check_label_path(path: str | Path, is_volume: bool) -> None:
+    """Refuse an output name no label can be written to, before any work is spent on the label."""
+    suffix = _suffix(Path(path))
+    allowed = (() if is_volume else LABEL_IMAGE_SUFFIXES) + LABEL_VOLUME_SUFFIXES
+    if suffix not in allowed:
+        kind = "a volume's" if is_volume else "a 2D"
+        raise ValueError(f"{kind} label cannot be written as {suffix or 'a file without extension'} ({path}); "
+                         f"use one of {', '.join(allowed)}")
+
+
 def write_label(label: np.ndarray, reference: Image, path: str | Path, scale_255: bool = False) -> Path:
     """Write a label map: PNG/TIF for 2D inputs, NIfTI/NRRD for volumes, with the input's geometry."""
     path = Path(path)
+    check_label_path(path, reference.is_volume)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     suffix = _suffix(path)
-    if reference.is_volume and suffix in IMAGE_SUFFIXES:
-        raise ValueError(f"a volume's label cannot be written as {suffix}; use .nii.gz or .nrrd")
     values = label * 255 if scale_255 else label
     sitk.WriteImage(label_to_sitk(values, reference), str(path), useCompression=suffix in (".nii.gz", ".nrrd"))
     return path
