@@ -44,15 +44,23 @@ def test_broken_uploads_are_refused_clearly(client, tmp_path):
     _assert_clear_4xx(_upload(client, "nan.nrrd", (tmp_path / "nan.nrrd").read_bytes()), "NaN")
 
 
-def test_unknown_ids_and_bad_params_are_4xx(client):
+def test_unknown_ids_and_bad_params_are_4xx(client, monkeypatch):
     _assert_clear_4xx(client.post("/infer/textdiff?image=no_such_image&output=json"), "unknown image")
     _assert_clear_4xx(client.post("/infer/no_such_model?image=case_1&output=json"), "unknown model")
     _assert_clear_4xx(client.post("/infer/textdiff?image=case_1&output=json", data={"params": "{not json"}), "JSON")
     _assert_clear_4xx(client.post("/infer/textdiff?image=case_1&output=json", data={"params": "[1, 2]"}), "object")
     _assert_clear_4xx(client.post("/infer/textdiff?image=case_1&output=json",
                                   data={"params": json.dumps({"report": 42})}), "string")
-    _assert_clear_4xx(client.post("/infer/textdiff?image=case_1&output=json",
-                                  data={"params": json.dumps({"result_extension": ".exe"})}), "result_extension")
+    from textdiff.model import TextDiffModel
+
+    runs = []  # a bad output format is refused before the model runs, not after
+    real_predict = TextDiffModel.predict
+    monkeypatch.setattr(TextDiffModel, "predict", lambda self, *a, **k: runs.append(1) or real_predict(self, *a, **k))
+    for params, word in (({"result_extension": ".exe"}, "result_extension"), ({"result_dtype": "int8"}, "result_dtype")):
+        _assert_clear_4xx(client.post("/infer/textdiff?image=case_1&output=json",
+                                      data={"params": json.dumps(params)}), word)
+    assert not runs
+    assert infer_json(client, "case_1") and runs == [1]  # the counter does see a good request
 
 
 @pytest.mark.parametrize("report", ["", "x" * 100_000, "双侧肺部感染，左下肺。", "Лёгкое", "a\x00b\x07c\r\n\td",

@@ -17,6 +17,19 @@ from ..transforms import bad_request, load_image, resolve_report, stored_report
 EXTENSIONS = (".nrrd", ".nii.gz", ".nii", ".png", ".tif", ".mha")
 
 
+def output_format(data: dict[str, Any], is_volume: bool) -> tuple[str, str]:
+    """The label file's extension and dtype asked for in the request, checked."""
+    suffix = data.get("result_extension") or (".nrrd" if is_volume else ".png")
+    if suffix not in EXTENSIONS:
+        raise bad_request(f"result_extension {suffix!r} is not one of {', '.join(EXTENSIONS)}")
+    if is_volume and suffix in (".png", ".tif"):
+        suffix = ".nrrd"
+    dtype = str(data.get("result_dtype") or "uint8")
+    if dtype not in ("uint8", "uint16", "int16", "int32", "float32"):
+        raise bad_request(f"result_dtype {dtype!r} is not supported")
+    return suffix, dtype
+
+
 class TextDiffInfer(BasicInferTask):
     def __init__(self, store: ModelStore, settings: AppSettings, datastore_getter, description: str):
         super().__init__(path=None, network=None, type=InferType.SEGMENTATION, labels=store.label_names(),
@@ -35,6 +48,7 @@ class TextDiffInfer(BasicInferTask):
 
     def _load(self, data: dict[str, Any]) -> dict[str, Any]:
         data["image"] = load_image(data["image_path"], self.settings.max_image_pixels)
+        data["output_format"] = output_format(data, data["image"].is_volume)  # refused before any inference
         report, source = resolve_report(data.get("report"), stored_report(self.datastore(), data.get("image_id")),
                                         self.settings.max_report_chars)
         data["report"], data["report_source"] = report, source
@@ -59,15 +73,7 @@ class TextDiffInfer(BasicInferTask):
         return []
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
-        image = data["image"]
-        suffix = data.get("result_extension") or (".nrrd" if image.is_volume else ".png")
-        if suffix not in EXTENSIONS:
-            raise bad_request(f"result_extension {suffix!r} is not one of {', '.join(EXTENSIONS)}")
-        if image.is_volume and suffix in (".png", ".tif"):
-            suffix = ".nrrd"
-        dtype = str(data.get("result_dtype") or "uint8")
-        if dtype not in ("uint8", "uint16", "int16", "int32", "float32"):
-            raise bad_request(f"result_dtype {dtype!r} is not supported")
+        suffix, dtype = data.get("output_format") or output_format(data, data["image"].is_volume)
         path = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
-        write_label(data["pred"].astype(dtype), image, path)
+        write_label(data["pred"].astype(dtype), data["image"], path)
         return path, data["result"]
