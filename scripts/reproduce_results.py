@@ -92,6 +92,7 @@ UNET_STEPS = {dataset: max(3000, budget) for dataset, budget in STEP_BUDGET.item
 UNET_CHECKS = 10  # evaluations to select the U-Net's weights from, as TextDiff's ~10 validations (epochs // 10)
 BEAT_UNET_UP_TO = {"monuseg": 6, "covid": 100}  # #7: TextDiff should beat the U-Net up to these label counts
 NAMES = {"monuseg": "MoNuSeg", "covid": "COVID-QU-Ex"}
+GALLERY_POINTS = (24, 300)  # one gallery per dataset, from a run at this many labels
 WINDOWS_PER_IMAGE = {"monuseg": 4, "covid": 1}  # 1000 px tiles at x0.5 / 256 px CXR, in 256 px windows
 
 
@@ -123,14 +124,24 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="defau
                         progress=True)
         trained = TextDiffModel.load(out)
         result = evaluate(trained, val, progress=True, use_reports=use_text)
-        if gallery:  # overlays of a few evaluation images for docs/results.md
-            evaluate(trained, val[:gallery], overlays=OUT / "gallery" / dataset, progress=False, use_reports=use_text)
-            shrink_pngs(OUT / "gallery" / dataset)
-            (OUT / "gallery" / dataset / "made_by.txt").write_text(
-                f"`{dataset}-curve-textdiff-n{n}-s{seed}` (Dice {result['dice']:.4f})\n")
+        if gallery and not gallery_is_current(dataset):  # overlays of a few evaluation images for docs/results.md
+            folder = OUT / "gallery" / dataset
+            for old in folder.glob("*.png"):
+                old.unlink()
+            evaluate(trained, val[:gallery], overlays=folder, progress=False, use_reports=use_text)
+            shrink_pngs(folder)
+            name = f"{dataset}-curve-textdiff-n{n}-s{seed}"
+            (folder / "made_by.txt").write_text(f"`{name}` (Dice {result['dice']:.4f})\n")
+            (folder / "made_by.json").write_text(json.dumps({"run": name, "recipe": recipe(dataset)}))
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
             "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1),
             "recipe": recipe(dataset)}
+
+
+def gallery_is_current(dataset: str) -> bool:
+    """Whether the dataset's gallery was drawn by a model of the current recipe (else the next run redraws it)."""
+    stamp = OUT / "gallery" / dataset / "made_by.json"
+    return stamp.is_file() and json.loads(stamp.read_text()).get("recipe") == recipe(dataset)
 
 
 def shrink_pngs(folder: Path) -> None:
@@ -181,7 +192,7 @@ def plan(only: str | None, seeds=SEEDS):
     for dataset, points in CURVES.items():
         for n in points:
             for seed in SEEDS:
-                gallery = 3 if (n, seed) in ((24, 0), (300, 0)) else 0
+                gallery = 3 if n in GALLERY_POINTS else 0  # drawn by the first run of the current recipe
                 runs.append((f"{dataset}-curve-textdiff-n{n}-s{seed}", run_textdiff, (dataset, n, seed),
                              {"gallery": gallery}))
                 runs.append((f"{dataset}-curve-notext-n{n}-s{seed}", run_textdiff, (dataset, n, seed), {"use_text": False}))

@@ -25,6 +25,21 @@ def test_plan_names_are_unique_and_filterable():
     assert "covid-curve-unet-n100-s2" in names
 
 
+def test_gallery_is_redrawn_until_a_current_recipe_drew_it(tmp_path, monkeypatch):
+    script = load_script()
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    assert script.plan(None)[0][3]["gallery"] == 0 and \
+        all(kwargs["gallery"] for name, _, _, kwargs in script.plan("covid-curve-textdiff-n300"))
+    assert not script.gallery_is_current("covid")  # none yet
+    (tmp_path / "gallery" / "covid").mkdir(parents=True)
+    stamp = tmp_path / "gallery" / "covid" / "made_by.json"
+    stamp.write_text(json.dumps({"run": "covid-curve-textdiff-n300-s0",
+                                 "recipe": {**script.recipe("covid"), "step_budget": 1500}}))
+    assert not script.gallery_is_current("covid")  # drawn by a model of an older recipe
+    stamp.write_text(json.dumps({"run": "covid-curve-textdiff-n300-s1", "recipe": script.recipe("covid")}))
+    assert script.gallery_is_current("covid")
+
+
 def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     script = load_script()
     monkeypatch.setattr(script, "ROOT", tmp_path)
