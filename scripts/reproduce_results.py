@@ -291,12 +291,13 @@ def paired_lines(runs: dict) -> list[str]:
              "|---|---|" + "---|" * len(SEEDS) + "---|"]
     for dataset, points in CURVES.items():
         for n in points:
-            diffs = {s: runs[f"{dataset}-curve-textdiff-n{n}-s{s}"]["dice"] - runs[f"{dataset}-curve-unet-n{n}-s{s}"]["dice"]
-                     for s in SEEDS if all(f"{dataset}-curve-{m}-n{n}-s{s}" in runs for m in ("textdiff", "unet"))}
+            pairs = {s: [runs.get(f"{dataset}-curve-{method}-n{n}-s{s}") for method in ("textdiff", "unet")]
+                     for s in SEEDS}
+            diffs = {s: ours["dice"] - unet["dice"] for s, (ours, unet) in pairs.items() if ours and unet}
             if diffs:
                 cells = [f"{diffs[s]:+.4f}" if s in diffs else "-" for s in SEEDS]
-                above = sum(d > 0 for d in diffs.values())
-                lines.append(f"| {NAMES[dataset]} | {n} | " + " | ".join(cells) + f" | {above} of {len(diffs)} seed{'s' * (len(diffs) > 1)} |")
+                above = f"{sum(d > 0 for d in diffs.values())} of {len(diffs)} seed{'s' * (len(diffs) > 1)}"
+                lines.append(f"| {NAMES[dataset]} | {n} | " + " | ".join(cells) + f" | {above} |")
     return lines if len(lines) > 2 else []
 
 

@@ -73,7 +73,7 @@ class TextDiffInfer(BasicInferTask):
         return []
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
-        suffix, dtype = data.get("output_format") or output_format(data, data["image"].is_volume)
+        suffix, dtype = data["output_format"]  # checked in _load, before the model ran
         path = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         write_label(data["pred"].astype(dtype), data["image"], path)
         return path, data["result"]
