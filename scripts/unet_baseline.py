@@ -13,6 +13,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from textdiff import preprocess
+from textdiff.backbone import resolve_precision
 from textdiff.data import Sample, read_image, read_mask
 from textdiff.metrics import dice_iou
 from textdiff.head import rotate_flip
@@ -49,12 +50,14 @@ def train_unet(train: list[Sample], scale: float, window: int = 256, steps: int 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=1.5)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     best = {"dice": -1.0, "step": steps, "state": None}
+    # as the engine: bf16 only where the CPU runs it natively (emulated bf16 is slower than fp32)
+    use_bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
     for step in range(steps):
         index = [rng.randrange(len(xs)) for _ in range(batch_size)]
         turns, flip = rng.randrange(4), rng.random() < 0.5
         x = torch.stack([rotate_flip(xs[i], turns, flip) for i in index])
         y = torch.stack([rotate_flip(ys[i], turns, flip) for i in index])[:, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad()
