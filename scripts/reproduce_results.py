@@ -376,17 +376,18 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
         readme.write_text(text)
 
 
-def machine() -> dict:
-    """Where a run ran: wall times differ ~3x between a CPU with native bf16 (runs in bf16) and one without (fp32)."""
+def machine(device=None) -> dict:
+    """Where a run ran: wall times differ ~3x between a CPU with native bf16 (runs in bf16) and one without (fp32).
+    ``device``: where the run computed (the U-Net baseline always trains on the CPU); default: the engine's."""
     import platform
+
+    import torch
 
     from textdiff.backbone import resolve_precision
     from textdiff.model import default_device
 
-    device = default_device()
+    device = torch.device(device) if device else default_device()
     if device.type == "cuda":
-        import torch
-
         name = torch.cuda.get_device_name(device)
     else:
         cpuinfo = Path("/proc/cpuinfo")
@@ -418,7 +419,7 @@ def main() -> int:
         todo = [r for r in plan(args.only, args.seeds) if not done(r[0])]
         for index, (name, fn, fn_args, kwargs) in enumerate(todo, 1):
             print(f"[{index}/{len(todo)}] {name}", flush=True)
-            result = fn(*fn_args, **kwargs) | {"machine": machine()}
+            result = fn(*fn_args, **kwargs) | {"machine": machine("cpu" if fn is run_unet else None)}
             (OUT / "runs" / f"{name}.json").write_text(json.dumps(result, indent=1))
         print("all runs done" if all(done(r[0]) for r in plan(args.only, args.seeds)) else "some runs remain")
     plots()
