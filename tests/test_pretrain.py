@@ -78,3 +78,23 @@ def test_ema_follows_the_weights_in_a_short_pretraining(image_folder, tmp_path):
     ema_moved = sum((ema[k].float() - init[k].float()).norm() ** 2 for k in init) ** 0.5
     assert moved > 0
     assert ema_moved > 0.5 * moved  # plain 0.999 EMA: ~0.2
+
+
+def test_pretrain_from_an_existing_backbone_keeps_its_architecture_and_weights(image_folder, tmp_path,
+                                                                              tiny_unet_dir, capsys):
+    """--init adapts a backbone rather than starting from random weights: with a zero learning rate the saved
+    EMA is exactly the starting backbone, in its own architecture (not the default widths)."""
+    from diffusers import UNet2DModel
+
+    from textdiff.backbone import load_unet, weights_digest
+
+    out = tmp_path / "adapted"
+    assert main(["pretrain", "--images", str(image_folder), "--out", str(out), "--steps", "2", "--lr", "0",
+                 "--size", "32", "--batch-size", "2", "--init", str(tiny_unet_dir)]) == 0
+    start, adapted = load_unet(tiny_unet_dir), UNet2DModel.from_pretrained(out)
+    assert adapted.config.block_out_channels == start.config.block_out_channels
+    assert weights_digest(adapted).hexdigest() == weights_digest(start).hexdigest()
+    assert json.loads((out / "recipe.json").read_text())["init_digest"] == weights_digest(start).hexdigest()[:12]
+    assert main(["pretrain", "--images", str(image_folder), "--out", str(tmp_path / "refused"), "--init",
+                 str(tiny_unet_dir), "--channels", "8,16"]) == 2
+    assert "--init" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -135,7 +135,9 @@ def cmd_pretrain(args) -> int:
     config = PretrainConfig(images=args.images, out=args.out, size=args.size, scale=args.scale or [1.0],
                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             checkpoint_every=args.checkpoint_every, minutes=args.minutes, precision=args.precision,
-                            ema_decay=args.ema_decay)
+                            ema_decay=args.ema_decay, init=args.init)
+    if args.channels and args.init:
+        raise ValueError("--channels and --init exclude each other: --init takes the architecture of its backbone")
     if args.channels:
         config.unet = unet_config(args.channels)
     out = pretrain(config, resume=args.resume)
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
     p.add_argument("--channels", type=_ints, help="UNet widths per level (default 32,64,128,192)")
+    p.add_argument("--init", help="start from this backbone (folder, hub id, or 'default' for the shipped one) "
+                                  "instead of random weights: adapts it to the images")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("import-lvit", help="turn an LViT-format folder into a MONAI Label studies folder")
