@@ -201,6 +201,7 @@ def plan(only: str | None, seeds=SEEDS):
     for dataset, n in (("monuseg", 24), ("covid", 300)):
         runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
                  (f"{dataset}-ablation-random-init", run_textdiff, (dataset, n, 0), {"backbone": "random"}),
+                 (f"{dataset}-ablation-h200-backbone", run_textdiff, (dataset, n, 0), {"backbone": "he-cxr-h200"}),
                  (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10}),
                  (f"{dataset}-ablation-no-position", run_textdiff, (dataset, n, 0), {"position": False}),
                  (f"{dataset}-ablation-text-mpnet", run_textdiff, (dataset, n, 0),
@@ -304,10 +305,12 @@ def paired_lines(runs: dict) -> list[str]:
 
 def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
-    table = ["| dataset (train labels -> eval set) | TextDiff | random-init backbone | no text |", "|---|---|---|---|"]
+    table = ["| dataset (train labels -> eval set) | TextDiff | random-init backbone | GPU-pretrained backbone | no text |",
+             "|---|---|---|---|---|"]
     for dataset, n, where in (("monuseg", 24, "MoNuSeg Train 24 -> Val 6"), ("covid", 300, "COVID-QU-Ex 300 -> last 200")):
         table.append(f"| {where} | {_cell(runs, f'{dataset}-curve-textdiff-n{n}-s0')} | "
-                     f"{_cell(runs, f'{dataset}-ablation-random-init')} | {_cell(runs, f'{dataset}-curve-notext-n{n}-s0')} |")
+                     f"{_cell(runs, f'{dataset}-ablation-random-init')} | {_cell(runs, f'{dataset}-ablation-h200-backbone')} | "
+                     f"{_cell(runs, f'{dataset}-curve-notext-n{n}-s0')} |")
     curves = {}
     for dataset, points in CURVES.items():
         curves[dataset] = [f"| {NAMES[dataset]} labels | TextDiff | no text | U-Net |", "|---|---|---|---|"]
