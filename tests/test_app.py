@@ -96,12 +96,19 @@ def test_volume_infer_keeps_geometry(client):
 
 
 def test_pretrain_trainer_adapts_backbone_used_by_next_head(client):
+    refused = client.post("/train/textdiff_pretrain?run_sync=true", json={"start_from": "imagenet", "max_steps": 1})
+    assert refused.status_code != 200 and "start_from" in refused.text
     response = client.post("/train/textdiff_pretrain?run_sync=true", json={"max_steps": 2, "crop_size": 32})
     assert response.status_code == 200, response.text
     from monailabel.interfaces.utils.app import app_instance
 
     adapted = app_instance().task.pretrainer().out
     assert (adapted / "config.json").is_file() and (adapted / "recipe.json").is_file()
+    # it adapted the served model's backbone (the tiny test UNet), not a new default-sized one
+    served = json.loads((client.tmp / "initial" / "config.json").read_text())["backbone"]
+    assert json.loads((adapted / "config.json").read_text())["block_out_channels"] == \
+        json.loads((Path(served) / "config.json").read_text())["block_out_channels"]
+    assert "init_digest" in json.loads((adapted / "recipe.json").read_text())
     assert client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1}).status_code == 200
     published = json.loads((client.tmp / "published" / "config.json").read_text())
     assert published["backbone"] == str(adapted)

@@ -5,13 +5,16 @@ another); the model being served keeps its own backbone until a head trained on 
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from monailabel.interfaces.tasks.train import TrainTask
 
+from textdiff.model import resolve_model_dir
 from textdiff.pretrain import PretrainConfig, pretrain
 
 from ..settings import AppSettings
+from ..transforms import bad_request
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +29,18 @@ class TextDiffPretrain(TrainTask):
         return self.settings.model_dir.parent / "backbone"
 
     def config(self):
-        return {"minutes": 30.0, "max_steps": 20000, "crop_size": 128, "scale": 1.0}
+        # start_from "model": adapt the backbone the heads use now (what a campaign wants); "random": from scratch
+        return {"minutes": 30.0, "max_steps": 20000, "crop_size": 128, "scale": 1.0, "start_from": "model"}
+
+    def starting_backbone(self, start_from: str) -> str | None:
+        if start_from == "random":
+            return None
+        if start_from != "model":
+            raise bad_request(f"start_from must be 'model' or 'random', not {start_from!r}")
+        if self.settings.backbone != "default":
+            return self.settings.backbone
+        served = json.loads((resolve_model_dir(self.settings.initial_model) / "config.json").read_text())
+        return served.get("backbone") or "default"
 
     def __call__(self, request, datastore):
         images = sorted({datastore.get_image_uri(i) for i in datastore.list_images()})
@@ -34,14 +48,13 @@ class TextDiffPretrain(TrainTask):
             raise ValueError("the datastore holds no images")
         config = PretrainConfig(images=images, out=str(self.out), size=int(request.get("crop_size", 128)),
                                 scale=[float(request.get("scale", 1.0))], steps=int(request.get("max_steps", 20000)),
-                                minutes=float(request.get("minutes", 30.0)))
+                                minutes=float(request.get("minutes", 30.0)),
+                                init=self.starting_backbone(str(request.get("start_from", "model"))))
         # resumes from the last checkpoint: a campaign can pretrain in several sittings
         pretrain(config, resume=True, progress=False)
         return {"backbone": str(self.out), **self.stats()}
 
     def stats(self):
-        import json
-
         recipe = self.out / "recipe.json"
         if not recipe.is_file():
             return {}
