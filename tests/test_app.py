@@ -98,6 +98,11 @@ def test_volume_infer_keeps_geometry(client):
 def test_pretrain_trainer_adapts_backbone_used_by_next_head(client):
     refused = client.post("/train/textdiff_pretrain?run_sync=true", json={"start_from": "imagenet", "max_steps": 1})
     assert refused.status_code == 400 and "start_from" in refused.text, (refused.status_code, refused.text)
+    for bad in ({"max_steps": "lots"}, {"minutes": -1}):
+        refused = client.post("/train/textdiff_pretrain?run_sync=true", json=bad)
+        assert refused.status_code == 400 and next(iter(bad)) in refused.text, (refused.status_code, refused.text)
+    refused = client.post("/train/textdiff?run_sync=true", json={"max_epochs": "ten"})
+    assert refused.status_code == 400 and "max_epochs" in refused.text, (refused.status_code, refused.text)
     response = client.post("/train/textdiff_pretrain?run_sync=true", json={"max_steps": 2, "crop_size": 32})
     assert response.status_code == 200, response.text
     from monailabel.interfaces.utils.app import app_instance

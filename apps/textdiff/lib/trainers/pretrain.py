@@ -14,7 +14,7 @@ from textdiff.model import resolve_model_dir
 from textdiff.pretrain import PretrainConfig, pretrain
 
 from ..settings import AppSettings
-from ..transforms import bad_request
+from ..transforms import bad_request, request_number
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,11 @@ class TextDiffPretrain(TrainTask):
         images = sorted({datastore.get_image_uri(i) for i in datastore.list_images()})
         if not images:
             raise ValueError("the datastore holds no images")
-        config = PretrainConfig(images=images, out=str(self.out), size=int(request.get("crop_size", 128)),
-                                scale=[float(request.get("scale", 1.0))], steps=int(request.get("max_steps", 20000)),
-                                minutes=float(request.get("minutes", 30.0)),
+        config = PretrainConfig(images=images, out=str(self.out),
+                                size=request_number(request, "crop_size", 128, int, 8),
+                                scale=[request_number(request, "scale", 1.0, float, 0.01)],
+                                steps=request_number(request, "max_steps", 20000, int, 1),
+                                minutes=request_number(request, "minutes", 30.0, float, 0.0),
                                 init=self.starting_backbone(str(request.get("start_from", "model"))))
         # resumes from the last checkpoint: a campaign can pretrain in several sittings
         pretrain(config, resume=True, progress=False)

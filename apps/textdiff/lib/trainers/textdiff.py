@@ -14,7 +14,7 @@ from textdiff.train import TrainConfig, train
 
 from ..model_store import ModelStore
 from ..settings import AppSettings
-from ..transforms import bad_request, labeled_samples
+from ..transforms import bad_request, labeled_samples, request_number
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ class TextDiffTrain(TrainTask):
             train_samples, val_samples = samples[:-n_val], samples[-n_val:]
         else:
             train_samples, val_samples = samples, []
-        epochs = int(request.get("max_epochs", self.settings.epochs))
-        config = TrainConfig(epochs=epochs, lr=float(request.get("learning_rate", 1e-3)), seed=int(request.get("seed", 0)),
+        epochs = request_number(request, "max_epochs", self.settings.epochs, int, 1)
+        config = TrainConfig(epochs=epochs, lr=request_number(request, "learning_rate", 1e-3, float, 0.0),
+                             seed=request_number(request, "seed", 0, int),
                              cache_dir=str(self.settings.model_dir.parent / "feature-cache"))
         logger.info(f"training on {len(train_samples)} labeled images, validating on {len(val_samples)}")
         gpus = torch.cuda.device_count()
