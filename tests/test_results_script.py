@@ -83,13 +83,25 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert script.is_current({"recipe": script.recipe("covid")}, "covid-curve-notext-n100-s0")
     # ... and one made on another default backbone (runs from before the field: the first shipped backbone)
     assert not script.is_current({"recipe": {**script.recipe("covid"), "backbone": "0" * 12}}, "covid-curve-notext-n300-s0")
-    shipped = script.default_backbone
+    shipped = script.backbone_digest
     unrecorded = {k: v for k, v in script.recipe("covid").items() if k != "backbone"}
-    monkeypatch.setattr(script, "default_backbone", lambda: script.FIRST_BACKBONE)
+    monkeypatch.setattr(script, "backbone_digest", lambda name: script.FIRST_BACKBONE)
     assert script.is_current({"recipe": unrecorded}, "covid-curve-textdiff-n300-s0")
-    monkeypatch.setattr(script, "default_backbone", lambda: "1" * 12)
+    monkeypatch.setattr(script, "backbone_digest", lambda name: "1" * 12)
     assert not script.is_current({"recipe": unrecorded}, "covid-curve-textdiff-n300-s0")
-    monkeypatch.setattr(script, "default_backbone", shipped)
+    monkeypatch.setattr(script, "backbone_digest", shipped)
+    # the curves stay on the backbone they were made with, whatever the shipped default is
+    for dataset in script.CURVES:
+        assert script.recipe(dataset)["backbone"] == shipped(script.RESULTS_BACKBONE[dataset])
+    # a backbone ablation is redone when that backbone's weights change (or were not recorded), and a dataset runs
+    # those of the backbones its curves do not use
+    planned = {run[0] for run in script.plan(None)}
+    for suffix, backbone in script.BACKBONE_ABLATIONS.items():
+        name = f"covid-ablation-{suffix}"
+        assert (name in planned) == (backbone != script.RESULTS_BACKBONE["covid"])
+        assert script.is_current({"recipe": {**script.recipe("covid"), "ablation_backbone": shipped(backbone)}}, name)
+        assert not script.is_current({"recipe": {**script.recipe("covid"), "ablation_backbone": "2" * 12}}, name)
+        assert not script.is_current({"recipe": script.recipe("covid")}, name)
     # a U-Net given fewer steps than TextDiff's budget is not a fair baseline: redone as well
     assert script.UNET_STEPS["covid"] >= script.STEP_BUDGET["covid"]
     checked = {"checks": script.UNET_CHECKS}

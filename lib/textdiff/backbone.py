@@ -24,6 +24,9 @@ DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_NOISE_SEED = 0
 SHIPPED_BACKBONES = Path(__file__).parent / "weights"
 DEFAULT_BACKBONE = "default"
+# the folder that "default" names: the GPU-pretrained backbone (its recipe.json); the first, CPU-pretrained default
+# ships on as "he-cxr-cpu" (the results' curves use it, and models trained on it keep it: see TextDiffModel.build)
+SHIPPED_DEFAULT = "he-cxr-h200"
 RANDOM_BACKBONE = "random"  # "random" or "random:FOLDER": same architecture, random initialisation
 
 
@@ -31,9 +34,23 @@ class BackboneLoadError(RuntimeError):
     pass
 
 
+def _is_unet_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == "UNet2DModel"
+    except (OSError, ValueError):
+        return False
+
+
 def _resolve_shipped(name: str) -> Path | None:
-    folder = SHIPPED_BACKBONES / ("backbone" if name == DEFAULT_BACKBONE else name)
-    return folder if (folder / "config.json").is_file() else None
+    if "/" in name or os.sep in name:
+        return None
+    folder = SHIPPED_BACKBONES / (SHIPPED_DEFAULT if name == DEFAULT_BACKBONE else name)
+    return folder if _is_unet_folder(folder) else None
+
+
+def shipped_backbones() -> list[str]:
+    """Names of the backbones shipped in the package (each one a valid ``--backbone``)."""
+    return sorted(p.name for p in SHIPPED_BACKBONES.iterdir() if _is_unet_folder(p))
 
 
 def load_unet(source: str | os.PathLike | None = None):

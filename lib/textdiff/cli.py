@@ -12,12 +12,16 @@ DEVICE_HELP = "torch device, e.g. cpu, cuda:1 (default: cuda when present, else 
 PRECISION_HELP = "compute precision (default auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)"
 
 
+BACKBONE_HELP = ("UNet2DModel folder, hub id, or a shipped backbone: 'default' (GPU-pretrained he-cxr-h200) or "
+                 "'he-cxr-cpu' (the first, CPU-pretrained default)")
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="default", help="UNet2DModel folder or hub id (default: the shipped backbone)")
+    p.add_argument("--backbone", default="default", help=BACKBONE_HELP)
     p.add_argument("--text-encoder", default="default", help="transformers folder or hub id (default: embedded MiniLM-L6)")
     p.add_argument("--blocks", type=_ints, help="decoder block indices, ADM output_blocks numbering (e.g. 6,8,12,16)")
     p.add_argument("--steps", type=_ints, default=[50, 150, 250], help="diffusion steps (default 50,150,250)")
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
     p.add_argument("--channels", type=_ints, help="UNet widths per level (default 32,64,128,192)")
-    p.add_argument("--init", help="start from this backbone (folder, hub id, or 'default' for the shipped one) "
+    p.add_argument("--init", help="start from this backbone (folder, hub id, or a shipped name such as 'default') "
                                   "instead of random weights: adapts it to the images")
     p.set_defaults(func=cmd_pretrain)
 
@@ -279,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="measure extraction/training speed-ups, REST infer time, peak memory")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
-    p.add_argument("--backbone", default="default", help="UNet2DModel folder or hub id (default: the shipped backbone)")
+    p.add_argument("--backbone", default="default", help=BACKBONE_HELP)
     p.add_argument("--model", default="default", help="model folder served for the REST infer timing")
     p.add_argument("--data", help="MoNuSeg LViT root (default ../shared/data/monuseg)")
     p.add_argument("--windows", type=int, default=4, help="256x256 windows timed for extraction")

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,11 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from . import preprocess
 from .backbone import (DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, _autocast, load_unet,
-                       resolve_precision)
+                       resolve_precision, shipped_backbones)
 from .data import Image
 from .head import FusionHead
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
 
+logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 DEFAULT_HEAD = "default"  # the shipped model folder (default backbone + a head trained on MoNuSeg)
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "model"
@@ -127,9 +129,23 @@ class TextDiffModel(torch.nn.Module):
     def build(cls, config: ModelConfig, device=None, unet=None, encoder: ReportEncoder | None = None):
         """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given."""
         device = torch.device(device or default_device())
-        unet = unet if unet is not None else frozen_backbone(config.backbone, str(device))
-        features = DiffusionFeatures(unet, config.blocks, config.steps, config.noise_seed, config.precision,
+
+        def features_of(backbone) -> DiffusionFeatures:
+            return DiffusionFeatures(backbone, config.blocks, config.steps, config.noise_seed, config.precision,
                                      include_image=config.include_image, upsampler_input=config.upsampler_input)
+
+        features = features_of(unet if unet is not None else frozen_backbone(config.backbone, str(device)))
+        fingerprint = features.fingerprint()
+        if (unet is None and config.backbone == DEFAULT_BACKBONE and config.backbone_fingerprint
+                and config.backbone_fingerprint != fingerprint):
+            # a model trained on an earlier default backbone keeps that backbone: the shipped default changed
+            # (he-cxr-cpu -> he-cxr-h200), and a head applied to another backbone's features segments nonsense
+            for name in shipped_backbones():
+                candidate = features_of(frozen_backbone(name, str(device)))
+                if candidate.fingerprint() == config.backbone_fingerprint:
+                    logger.info("model trained on the former default backbone %r: using it", name)
+                    config.backbone, features, fingerprint = name, candidate, config.backbone_fingerprint
+                    break
         config.blocks = list(features.blocks)
         for name in ("window", "tile"):
             if getattr(config, name) % features.multiple:
@@ -137,7 +153,6 @@ class TextDiffModel(torch.nn.Module):
         if encoder is None:
             encoder = frozen_encoder(config.text_encoder, config.max_tokens, str(device))
         spec = features.spec()
-        fingerprint = features.fingerprint()
         if config.feature_channels is not None and list(spec.channels) != list(config.feature_channels):
             raise ValueError(f"backbone {config.backbone!r} gives feature channels {list(spec.channels)}, "
                              f"the model was trained with {config.feature_channels}")
