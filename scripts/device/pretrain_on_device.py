@@ -6,6 +6,10 @@ everything else is the engine's code path (textdiff.pretrain.pretrain). The call
 (device tool, carry [".gpu", ".whl"]: the pack from pack_pool.py and wheels of diffusers 0.42.1 + importlib_metadata):
     pip install --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site DEADLINE_S=520 python3 scripts/device/pretrain_on_device.py
 then, with the first stage's EMA in place of the shipped backbone:  SKIP_ADM=1 INIT=default DEADLINE_S=250 ...
+and (session 14, stage 3, from the two-stage he-cxr-h200):  SKIP_ADM=1 INIT=he-cxr-h200 DEADLINE_S=545 ...
+(the tracked files plus the pack and wheels exceeded 64 MiB by then, so lib/textdiff/weights/backbone, the CPU
+backbone, was moved out of the tree for that call). The EMA comes back in two halves (16 MiB per file); merge them
+and store fp16 as lib/textdiff/weights/he-cxr-h200 holds it.
 """
 import json, os, sys, threading, time, types
 from pathlib import Path
