@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from support import SHARED, infer_json, infer_label, put_label
+from support import APP_DIR, SHARED, infer_json, infer_label, put_label
 
 pytest.importorskip("monailabel")
 
@@ -119,3 +119,16 @@ def test_pretrain_trainer_adapts_backbone_used_by_next_head(client):
     assert published["backbone"] == str(adapted)
     assert infer_json(client, "case_1", report="x")["report_source"] == "request"
 
+
+
+def test_test_time_variants_setting_reaches_the_served_model(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    from lib.model_store import ModelStore
+    from lib.settings import AppSettings
+
+    with pytest.raises(ValueError, match="test_time_variants '9': test-time variants must be in 1..8"):
+        AppSettings.from_conf({"test_time_variants": "9"}, tmp_path)
+    tiny_model.save(tmp_path / "initial")
+    settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), "test_time_variants": "4"}, tmp_path)
+    assert ModelStore(settings).current().config.test_time_variants == 4
+    assert ModelStore(settings.replace(test_time_variants=None)).current().config.test_time_variants == 1

@@ -246,6 +246,28 @@ def test_tiling_returns_input_size_and_matches_single_window(tiny_model):
     assert tiny_model.predict_proba(odd, "x").shape == (2, 45, 70)
 
 
+def test_test_time_variants_make_inference_equivariant_to_every_flip_and_turn(tiny_model):
+    """Averaged over the whole dihedral group, inference commutes with flipping/turning the image (the fixed noise
+    and the backbone do not); a variant undone the wrong way round breaks this."""
+    from textdiff.head import VARIANTS, rotate_flip
+
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # one tile, no padding
+
+    def predict(pixels):
+        return tiny_model.predict_proba(np.ascontiguousarray(pixels), None)
+
+    moved = [rotate_flip(torch.from_numpy(image).permute(2, 0, 1), *v).permute(1, 2, 0).numpy() for v in VARIANTS]
+    single = predict(image)
+    assert max((predict(m) - rotate_flip(single, *v)).abs().max() for m, v in zip(moved, VARIANTS)) > 1e-3
+    tiny_model.use_test_time_variants(8)
+    averaged = predict(image)
+    for pixels, variant in zip(moved, VARIANTS):
+        torch.testing.assert_close(predict(pixels), rotate_flip(averaged, *variant), rtol=0, atol=1e-5)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="test-time variants must be in 1..8"):
+            tiny_model.use_test_time_variants(bad)
+
+
 def test_images_larger_than_a_tile_go_in_several_tiles(tiny_model, monkeypatch):
     seen = []
     forward = tiny_model.features.forward

@@ -160,11 +160,11 @@ def test_cli_train_evaluate_infer(lvit_folder, tiny_unet_dir, tiny_encoder_dir, 
     assert config["position"] is True  # the default: report attention knows where each token lies
     plain_dir = tmp_path / "no-position"
     assert main(["train", "--data", str(lvit_folder), "--out", str(plain_dir), "--epochs", "1", "--head-dim", "16",
-                 "--no-position", *common]) == 0
+                 "--no-position", "--test-time-variants", "2", *common]) == 0
     from textdiff.model import TextDiffModel
 
     plain = TextDiffModel.load(plain_dir)
-    assert plain.config.position is False
+    assert plain.config.position is False and plain.config.test_time_variants == 2
     assert all(getattr(m, "position", None) is None for m in plain.head.fuse_text)
 
     capsys.readouterr()
@@ -173,6 +173,11 @@ def test_cli_train_evaluate_infer(lvit_folder, tiny_unet_dir, tiny_encoder_dir, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 3 and 0 <= result["dice"] <= 1 and set(result["per_image"]) == {"case_0.png", "case_1.png", "case_2.png"}
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--json",
+                 "--test-time-variants", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 3
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--test-time-variants", "9"]) == 2
+    assert "test-time variants must be in 1..8" in capsys.readouterr().err
 
     image = lvit_folder / "img" / "case_0.png"
     assert main(["infer", "--model", str(model_dir), "--image", str(image), "--report", "dense nuclei",

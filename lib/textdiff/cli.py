@@ -16,6 +16,9 @@ BACKBONE_HELP = ("UNet2DModel folder, hub id, or a shipped backbone: 'default' (
                  "'he-cxr-cpu' (the first, CPU-pretrained default)")
 
 
+TTA_HELP = "average inference over K flips/rotations of the image (1-8; K times the backbone time)"
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
@@ -46,6 +49,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help=PRECISION_HELP)
     p.add_argument("--label", default="foreground", help="name of the foreground class (default foreground)")
+    p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " when the model is used (default 1)")
 
 
 def _device(name: str | None):
@@ -76,7 +80,7 @@ def cmd_train(args) -> int:
                          max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, tile=args.tile,
                          scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision,
-                         text_min_stride=args.text_min_stride)
+                         text_min_stride=args.text_min_stride, test_time_variants=1 if args.test_time_variants is None else args.test_time_variants)
     from .distributed import setup, teardown
 
     _, world, device = setup()  # under torchrun: one process per device, images sharded
@@ -97,7 +101,7 @@ def cmd_train(args) -> int:
 def _load(args):
     from .model import TextDiffModel
 
-    return TextDiffModel.load(args.model, _device(args.device))
+    return TextDiffModel.load(args.model, _device(args.device)).use_test_time_variants(args.test_time_variants)
 
 
 def cmd_evaluate(args) -> int:
@@ -229,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", help="write image/ground truth/prediction PNGs here")
     p.add_argument("--limit", type=int, help="evaluate only the last N samples")
     p.add_argument("--ignore-reports", action="store_true", help="run without the reports (no-text path)")
+    p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " (default: the model's)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
@@ -238,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="report text (omit to run without text)")
     p.add_argument("--out", required=True, help=".png for 2D, .nii.gz / .nrrd for volumes")
     p.add_argument("--scale-255", action="store_true", help="write labels as 0/255 instead of 0/1")
+    p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " (default: the model's)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_infer)
 

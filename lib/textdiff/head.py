@@ -184,9 +184,19 @@ def _undo_positions(grid: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
     return torch.stack([y, x])
 
 
+# The dihedral variants of an image: (number of 90° turns, horizontal flip); the identity first.
+VARIANTS = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
+
+
 def rotate_flip(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
     x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
     return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def unrotate_flip(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """The inverse of ``rotate_flip(., turns, flip)``."""
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:

@@ -27,14 +27,12 @@ from tqdm.auto import tqdm
 
 from . import distributed, preprocess
 from .data import Sample, read_image, read_mask
-from .head import rotate_flip
+from .head import VARIANTS, rotate_flip
 from .metrics import dice_iou
 from .backbone import resolve_precision
 from .preprocess import tile_layout
 from .model import TextDiffModel, _atomic_write
 
-# Dihedral variants applied to the image before feature extraction: (number of 90° turns, horizontal flip).
-VARIANTS = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
 # Features take ~16 MB per 256 px tile (a chest X-ray is one tile, a 1000 px H&E image at x0.5 four); without a cap
 # every recipe tried keeps its features forever (one development machine reached 57 GB).
 DEFAULT_CACHE_MAX_GB = 20.0

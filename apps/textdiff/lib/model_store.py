@@ -41,7 +41,8 @@ class ModelStore:
                 if not self.is_available():
                     raise FileNotFoundError(f"no model to serve: {self.source()} has no {CONFIG_NAME} "
                                             "(train one, or give --conf model FOLDER)")
-                self._model = TextDiffModel.load(self.source(), self.settings.device)
+                self._model = TextDiffModel.load(self.source(), self.settings.device).use_test_time_variants(
+                    self.settings.test_time_variants)
                 self._version = version
             return self._model
 

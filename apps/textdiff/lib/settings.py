@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from textdiff.data import MAX_PIXELS
-from textdiff.model import DEFAULT_HEAD
+from textdiff.model import DEFAULT_HEAD, check_test_time_variants
 
 
 def _bool(text: str) -> bool:
@@ -33,6 +33,7 @@ class AppSettings:
     max_image_pixels: int = MAX_PIXELS
     max_report_chars: int = 4000
     val_fraction: float = 0.2  # held out for model selection once there are >= 3 labels
+    test_time_variants: int | None = None  # flips/rotations averaged by infer and scoring; None = the model's
 
     # conf key -> (field, parser). Every key is documented in the README.
     KEYS = {
@@ -41,6 +42,7 @@ class AppSettings:
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
+        "test_time_variants": ("test_time_variants", lambda s: check_test_time_variants(int(s))),
     }
     IGNORED = {"server_mode", "preload", "skip_scoring", "skip_strategies", "skip_trainers"}
 
