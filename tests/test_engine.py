@@ -263,6 +263,8 @@ def test_test_time_variants_make_inference_equivariant_to_every_flip_and_turn(ti
     averaged = predict(image)
     for pixels, variant in zip(moved, VARIANTS):
         torch.testing.assert_close(predict(pixels), rotate_flip(averaged, *variant), rtol=0, atol=1e-5)
+    odd = np.random.default_rng(2).integers(0, 255, (45, 70, 3), dtype=np.uint8)  # turns swap its sides
+    assert tiny_model.predict_proba(odd, "dense nuclei").shape == (2, 45, 70)
     for bad in (0, 9):
         with pytest.raises(ValueError, match="test-time variants must be in 1..8"):
             tiny_model.use_test_time_variants(bad)

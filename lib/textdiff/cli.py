@@ -80,7 +80,8 @@ def cmd_train(args) -> int:
                          max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, tile=args.tile,
                          scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision,
-                         text_min_stride=args.text_min_stride, test_time_variants=1 if args.test_time_variants is None else args.test_time_variants)
+                         text_min_stride=args.text_min_stride,
+                         test_time_variants=1 if args.test_time_variants is None else args.test_time_variants)
     from .distributed import setup, teardown
 
     _, world, device = setup()  # under torchrun: one process per device, images sharded
