@@ -132,3 +132,33 @@ def test_test_time_variants_setting_reaches_the_served_model(tiny_model, tmp_pat
     settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), "test_time_variants": "4"}, tmp_path)
     assert ModelStore(settings).current().config.test_time_variants == 4
     assert ModelStore(settings.replace(test_time_variants=None)).current().config.test_time_variants == 1
+
+
+def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_dir, tmp_path, monkeypatch,
+                                                                 old_and_new_default):
+    """An initial model saved with backbone "default" on a former default is served on that one (its fingerprint),
+    so the heads trained from it use it too, unless --conf backbone names another."""
+    import warnings
+
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    from lib.model_store import ModelStore
+    from lib.settings import AppSettings
+    from lib.trainers.textdiff import TextDiffTrain
+    from textdiff.model import ModelConfig, TextDiffModel
+
+    config = ModelConfig(text_encoder=str(tiny_encoder_dir), window=32, tile=64, head_dim=16, precision="fp32")
+    TextDiffModel.build(config, "cpu").save(tmp_path / "initial")
+    old_and_new_default("new")
+
+    def new_head(**conf):
+        settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), **conf}, tmp_path)
+        trainer = TextDiffTrain(ModelStore(settings), settings, tmp_path / "adapted")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            return ModelStore(settings).current(), TextDiffModel.build(trainer.new_model_config(), "cpu")
+
+    served, head = new_head()
+    assert served.config.backbone == head.config.backbone == "old"
+    assert head.features.fingerprint() == served.features.fingerprint()
+    served, head = new_head(backbone="new")
+    assert head.config.backbone == "new" and head.features.fingerprint() != served.features.fingerprint()

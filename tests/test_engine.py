@@ -1,6 +1,8 @@
 """Behaviour of the engine with tiny models: features, head, tiling, cache, I/O."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -299,23 +301,15 @@ def test_save_load_roundtrip(tiny_model, tmp_path):
     torch.testing.assert_close(current.head.classifier.bias, tiny_model.head.classifier.bias)
 
 
-def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir, tmp_path, monkeypatch):
+def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir, tmp_path, old_and_new_default):
     """The shipped default backbone changed once (he-cxr-cpu -> he-cxr-h200): a head saved with backbone "default"
     keeps the shipped backbone its fingerprint names, since it would segment nonsense on another one."""
     import warnings
 
     import textdiff.backbone
-    import textdiff.model
     from textdiff.model import ModelConfig, TextDiffModel
 
     shipped = tmp_path / "weights"
-    for seed, name in enumerate(("old", "new")):
-        tiny_unet_model(seed).save_pretrained(shipped / name)
-    (shipped / "model").mkdir()  # a model folder beside them is no backbone
-    (shipped / "model" / "config.json").write_text('{"backbone": "default"}')
-    monkeypatch.setattr(textdiff.backbone, "SHIPPED_BACKBONES", shipped)
-    monkeypatch.setattr(textdiff.backbone, "SHIPPED_DEFAULT", "old")
-    monkeypatch.setattr(textdiff.model, "_cached_backbone", textdiff.model._cached_backbone.__wrapped__)
     assert textdiff.backbone.shipped_backbones() == ["new", "old"]
 
     config = ModelConfig(text_encoder=str(tiny_encoder_dir), window=32, tile=64, head_dim=16, precision="fp32")
@@ -325,7 +319,7 @@ def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir,
     before = model.predict_proba(image, "dense nuclei")
     model.save(tmp_path / "m")
 
-    monkeypatch.setattr(textdiff.backbone, "SHIPPED_DEFAULT", "new")
+    old_and_new_default("new")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         loaded = TextDiffModel.load(tmp_path / "m", "cpu")
@@ -339,6 +333,10 @@ def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir,
     shutil.rmtree(shipped / "old")
     with pytest.warns(UserWarning, match="differs from the one this model was trained with"):
         TextDiffModel.load(tmp_path / "m", "cpu")
+    with warnings.catch_warnings():  # a fresh head from that recipe has nothing to mismatch
+        warnings.simplefilter("error", UserWarning)
+        saved = ModelConfig.from_dict(json.loads((tmp_path / "m" / "config.json").read_text()))
+        assert TextDiffModel.build(saved, "cpu").config.backbone == "default"
 
 
 # ----- data -----------------------------------------------------------------------------------------------------------

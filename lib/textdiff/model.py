@@ -160,10 +160,6 @@ class TextDiffModel(torch.nn.Module):
             raise ValueError(f"backbone {config.backbone!r} gives feature channels {list(spec.channels)}, "
                              f"the model was trained with {config.feature_channels}")
         config.feature_channels = list(spec.channels)
-        if config.backbone_fingerprint and config.backbone_fingerprint != fingerprint:
-            import warnings
-            warnings.warn(f"backbone {config.backbone!r} differs from the one this model was trained with "
-                          f"(fingerprint {fingerprint} != {config.backbone_fingerprint}); results may be off")
         config.backbone_fingerprint = fingerprint
         head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
                           config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
@@ -177,7 +173,12 @@ class TextDiffModel(torch.nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{model_dir} is not a TextDiff model folder (no {CONFIG_NAME})")
         config = ModelConfig.from_dict(json.loads(config_path.read_text()))
+        trained_on = config.backbone_fingerprint
         model = cls.build(config, device, unet, encoder)
+        if trained_on and trained_on != model.config.backbone_fingerprint:
+            import warnings
+            warnings.warn(f"backbone {model.config.backbone!r} differs from the one this model was trained with "
+                          f"(fingerprint {model.config.backbone_fingerprint} != {trained_on}); results may be off")
         state = load_file(str(model_dir / (config.weights or "head.safetensors")))
         try:
             model.head.load_state_dict(state)

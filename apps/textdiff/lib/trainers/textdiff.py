@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
+from textdiff.backbone import DEFAULT_BACKBONE
 from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
 from textdiff.train import TrainConfig, train
 
@@ -34,13 +35,17 @@ class TextDiffTrain(TrainTask):
         base = json.loads((resolve_model_dir(self.settings.initial_model) / "config.json").read_text())
         config = ModelConfig.from_dict(base)
         labels = {"background": 0} | self.store.label_names()
-        changes = dict(labels=labels, feature_channels=None, backbone_fingerprint=None, weights=None,
+        changes = dict(labels=labels, feature_channels=None, weights=None,
                        text_encoder=self.settings.text_encoder if self.settings.text_encoder != "default" else config.text_encoder)
+        if config.backbone != DEFAULT_BACKBONE:
+            changes["backbone_fingerprint"] = None  # a named/local UNet is taken as it is now
+        # else the fingerprint stays: it names which shipped default the initial model was trained on (the default
+        # changed once), so new heads use the backbone that is being served, not a newer one
         backbone = self.settings.backbone
         if backbone == "default" and (self.adapted_backbone / "config.json").is_file():
             backbone = str(self.adapted_backbone)
         if backbone != "default" and backbone != config.backbone:
-            changes |= dict(backbone=backbone, blocks=None)  # another UNet: its own default blocks
+            changes |= dict(backbone=backbone, blocks=None, backbone_fingerprint=None)  # another UNet: its own blocks
         if self.settings.scale is not None:
             changes["scale"] = self.settings.scale
         return dataclasses.replace(config, **changes)
