@@ -104,6 +104,7 @@ UNET_STEPS = {dataset: max(3000, budget) for dataset, budget in STEP_BUDGET.item
 UNET_CHECKS = 10  # evaluations to select the U-Net's weights from, as TextDiff's ~10 validations (epochs // 10)
 BEAT_UNET_UP_TO = {"monuseg": 6, "covid": 100}  # #7: TextDiff should beat the U-Net up to these label counts
 NAMES = {"monuseg": "MoNuSeg", "covid": "COVID-QU-Ex"}
+ABLATION_POINT = {"monuseg": 24, "covid": 300}  # the curve point every ablation of a dataset is made at
 GALLERY_POINTS = (24, 300)  # one gallery per dataset, from a run at this many labels
 WINDOWS_PER_IMAGE = {"monuseg": 4, "covid": 1}  # 1000 px tiles at x0.5 / 256 px CXR, in 256 px windows
 
@@ -211,7 +212,7 @@ def plan(only: str | None, seeds=SEEDS):
                              {"gallery": gallery}))
                 runs.append((f"{dataset}-curve-notext-n{n}-s{seed}", run_textdiff, (dataset, n, seed), {"use_text": False}))
                 runs.append((f"{dataset}-curve-unet-n{n}-s{seed}", run_unet, (dataset, n, seed), {}))
-    for dataset, n in (("monuseg", 24), ("covid", 300)):
+    for dataset, n in ABLATION_POINT.items():
         runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
                  *[(f"{dataset}-ablation-{suffix}", run_textdiff, (dataset, n, 0), {"backbone": backbone})
                    for suffix, backbone in BACKBONE_ABLATIONS.items() if backbone != RESULTS_BACKBONE[dataset]],
@@ -219,11 +220,12 @@ def plan(only: str | None, seeds=SEEDS):
                  (f"{dataset}-ablation-no-position", run_textdiff, (dataset, n, 0), {"position": False}),
                  (f"{dataset}-ablation-text-mpnet", run_textdiff, (dataset, n, 0),
                   {"text_encoder": fetch_text_encoder.NAME})]
-    runs += [("monuseg-ablation-scale-1.0", run_textdiff, ("monuseg", 24, 0), {"scale": 1.0}),
-             ("monuseg-ablation-no-image", run_textdiff, ("monuseg", 24, 0), {"include_image": False}),
-             ("monuseg-ablation-upsampler-output", run_textdiff, ("monuseg", 24, 0), {"upsampler_input": False}),
-             ("monuseg-ablation-blocks-0-2-5", run_textdiff, ("monuseg", 24, 0), {"blocks": [0, 2, 5]}),
-             ("monuseg-ablation-blocks-4-5", run_textdiff, ("monuseg", 24, 0), {"blocks": [4, 5]})]
+    at = ("monuseg", ABLATION_POINT["monuseg"], 0)
+    runs += [("monuseg-ablation-scale-1.0", run_textdiff, at, {"scale": 1.0}),
+             ("monuseg-ablation-no-image", run_textdiff, at, {"include_image": False}),
+             ("monuseg-ablation-upsampler-output", run_textdiff, at, {"upsampler_input": False}),
+             ("monuseg-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
+             ("monuseg-ablation-blocks-4-5", run_textdiff, at, {"blocks": [4, 5]})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
@@ -316,6 +318,27 @@ def paired_lines(runs: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
+    "steps-single": "one noise step (50) instead of 50/150/250",
+    "default-backbone": "the GPU-pretrained default backbone", "cpu-backbone": "the first, CPU-pretrained backbone",
+    "random-init": "a random-init backbone of the same architecture",
+    "tokens-10": "the report cut to 10 word pieces (64)", "no-position": "report attention without image positions",
+    "text-mpnet": "all-mpnet-base-v2 report encoder (768-d) instead of MiniLM-L6 (384-d)",
+    "scale-1.0": "working scale 1 instead of 0.5", "no-image": "no clean image as an input",
+    "upsampler-output": "upsampler outputs hooked instead of their inputs",
+    "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only"}
+
+
+def ablation_rows(runs: dict) -> list[str]:
+    rows = []
+    for name in sorted(n for n in runs if "-ablation-" in n):
+        dataset, suffix = name.split("-ablation-", 1)
+        reference = runs.get(f"{dataset}-curve-textdiff-n{ABLATION_POINT[dataset]}-s0")
+        delta = f"{runs[name]['dice'] - reference['dice']:+.4f}" if reference else "-"
+        rows.append(f"| {name} | {ABLATION_CHANGES.get(suffix, suffix)} | {_cell(runs, name)} | {delta} |")
+    return rows
+
+
 def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
     table = ["| dataset (train labels -> eval set) | TextDiff, default (GPU-pretrained) backbone | CPU-pretrained "
@@ -356,8 +379,11 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
         lines += ["", "## TextDiff minus U-Net, seed by seed", "",
                   "A seed picks the labeled images, the same for both methods, so each cell compares the two on the",
                   "same labels (Dice difference; '-' where one of them has no run for that seed yet).", "", *paired]
-    lines += ["", "## Ablations (one seed)", "", "| run | Dice / IoU |", "|---|---|"]
-    lines += [f"| {name} | {_cell(runs, name)} |" for name in sorted(runs) if "ablation" in name]
+    lines += ["", "## Ablations (one seed)", "",
+              "Each run changes one thing in the recipe of the curves' seed-0 run with as many labels (MoNuSeg 24,",
+              "COVID-QU-Ex 300); the last column is its Dice minus that run's.", "",
+              "| run | what changes | Dice / IoU | vs the recipe |", "|---|---|---|---|"]
+    lines += ablation_rows(runs)
     gallery = sorted((OUT / "gallery").glob("*/*.png"))
     if gallery:
         made_by = [(folder / "made_by.txt").read_text().strip() if (folder / "made_by.txt").is_file() else folder.name

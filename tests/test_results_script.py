@@ -116,7 +116,12 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
         (tmp_path / "docs/results/runs" / f"{name}.json").write_text(json.dumps(
             {"dice": dice, "iou": dice - 0.1, "steps": 3000, "checks": script.UNET_CHECKS,
              "recipe": script.recipe("monuseg")}))
+    # an ablation is shown against the curves' seed-0 run at its point, saying what it changes
+    (tmp_path / "docs/results/runs/monuseg-ablation-tokens-10.json").write_text(json.dumps(
+        {"dice": 0.65, "iou": 0.55, "recipe": script.recipe("monuseg")}))
     script.plots()
+    assert "| monuseg-ablation-tokens-10 | the report cut to 10 word pieces (64) | 0.6500 / 0.5500 | -0.0500 |" in \
+        (tmp_path / "docs" / "results.md").read_text()
     readme = (tmp_path / "README.md").read_text()
     assert "above the U-Net's at 1 (0.6000 vs 0.5000), 24 (0.7500 vs 0.7000; 2 vs 1 seeds) labels and below at no point;" \
         in readme
