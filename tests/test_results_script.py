@@ -161,6 +161,12 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert "| MoNuSeg | 1 | +0.1000 | +0.1000 | +0.1000 | 3 of 3 seeds |" in results
     assert "| MoNuSeg | 24 | -0.2000 | - | - | 0 of 1 seed |" in results
     assert "| MoNuSeg | 12 |" not in results  # the n12 TextDiff run is stale and there is no U-Net run
+    # a stale run says how its recipe differs from today's
+    assert ("| monuseg-curve-textdiff-n12-s0 | 0.1000 / 0.1000 | backbone he-cxr-cpu, no image input, "
+            "no report positions, upsampler outputs hooked |") in results
+    assert script.stale_reasons({"recipe": older}, "covid-curve-textdiff-n300-s0") == \
+        [f"step budget {script.STEP_BUDGET['covid'] // 3}"]
+    assert script.stale_reasons({"steps": 3000}, "monuseg-curve-unet-n1-s0") == ["U-Net kept its last weights"]
     assert "0.7000 / 0.6000" in readme and "old" not in readme and readme.endswith("b\n")
 
 
