@@ -409,7 +409,9 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     lines += ablation_rows(runs)
     gallery = sorted((OUT / "gallery").glob("*/*.png"))
     if gallery:
-        made_by = [(folder / "made_by.txt").read_text().strip() if (folder / "made_by.txt").is_file() else folder.name
+        made_by = [((folder / "made_by.txt").read_text().strip() if (folder / "made_by.txt").is_file() else folder.name)
+                   + ("" if gallery_is_current(folder.name) else " (a run of a previous recipe; the next "
+                      f"{[n for n in CURVES[folder.name] if n in GALLERY_POINTS][0]}-label run redraws it)")
                    for folder in sorted({p.parent for p in gallery})]
         lines += ["", "## Gallery", "", "Image, ground truth (green) and prediction (magenta) with the report the model "
                   f"read, made by the runs {', '.join(made_by)}.", ""]

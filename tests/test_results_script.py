@@ -36,8 +36,18 @@ def test_gallery_is_redrawn_until_a_current_recipe_drew_it(tmp_path, monkeypatch
     stamp.write_text(json.dumps({"run": "covid-curve-textdiff-n300-s0",
                                  "recipe": {**script.recipe("covid"), "step_budget": 1500}}))
     assert not script.gallery_is_current("covid")  # drawn by a model of an older recipe
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("no results block\n")
+    (tmp_path / "gallery" / "covid" / "covid_1.png").write_bytes(b"png")
+    (tmp_path / "gallery" / "covid" / "made_by.txt").write_text("`covid-curve-textdiff-n300-s0` (Dice 0.5000)\n")
+    script.write_markdown({}, {}, {})
+    assert ("made by the runs `covid-curve-textdiff-n300-s0` (Dice 0.5000) (a run of a previous recipe; the next "
+            "300-label run redraws it).") in (tmp_path / "docs" / "results.md").read_text()
     stamp.write_text(json.dumps({"run": "covid-curve-textdiff-n300-s1", "recipe": script.recipe("covid")}))
     assert script.gallery_is_current("covid")
+    script.write_markdown({}, {}, {})
+    assert "(Dice 0.5000)." in (tmp_path / "docs" / "results.md").read_text()
 
 
 def test_each_run_file_records_the_machine_and_precision_it_ran_on(tmp_path, monkeypatch):
