@@ -204,7 +204,7 @@ def pack(names) -> None:
     log(f"packed {len(runs)} runs, {len(chosen)} images, {len(tensors) // 2} report embeddings: {size / 2**20:.1f} MiB")
 
 
-def load_pack() -> dict:
+def load_pack() -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     manifest = json.loads((PACK / "pack.json").read_text())
@@ -244,7 +244,7 @@ def claim_next(queue: Path, estimate_s: float, deadline: float) -> str | None:
     with open(queue.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = json.loads(queue.read_text())
-        walls = [w for w in state["walls"]] or [estimate_s]
+        walls = state["walls"] or [estimate_s]
         if not state["todo"] or time.time() + max(walls) * 1.1 > deadline:
             return None
         name = state["todo"].pop(0)
@@ -331,6 +331,13 @@ def unpack(folder: str) -> None:
 
     folder = Path(folder)
     results = json.loads((folder / "results.json").read_text())
+    # only runs of today's recipe land (a SMOKE run's 8-step budget does not), and none replaces a current run file
+    stale = {name: R.stale_reasons(result, name) for name, result in results.items() if not R.is_current(result, name)}
+    if stale:
+        raise SystemExit(f"not of the current recipe, nothing written: {stale}")
+    for name in [name for name in results if R.done(name)]:
+        print(f"kept the current {name}.json already here")
+        del results[name]
     for name, result in results.items():
         (R.OUT / "runs" / f"{name}.json").write_text(json.dumps(result, indent=1))
     if (folder / "gallery-covid.tar").is_file():
