@@ -315,14 +315,21 @@ def run() -> None:
         cache.get(sample)
     del cache, model
     log(f"features of {len(chosen)} images; {len(names)} runs")
-    workers = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(deadline)])
-               for i in range(int(os.environ.get("WORKERS", "12")))]
+    # each worker's progress bars go to its own file: interleaved on one stream they garble the log lines
+    bars = [WORK / f"worker-{i}.log" for i in range(int(os.environ.get("WORKERS", "12")))]
+    workers = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(deadline)], stderr=open(path, "w"))
+               for i, path in enumerate(bars)]
     while any(w.poll() is None for w in workers) and time.time() < deadline:
         time.sleep(2)
-    for w in workers:
+    for i, (w, path) in enumerate(zip(workers, bars)):
         if w.poll() is None:
             w.kill()
+            last = path.read_text(errors="replace").replace("\r", "\n").strip().splitlines()
+            log(f"worker {i} stopped at the deadline: {last[-1] if last else '(no output)'}")
     results = {p.stem: json.loads(p.read_text()) for p in sorted((WORK / "results").glob("*.json"))}
+    unfinished = set(names) - set(json.loads((WORK / "queue.json").read_text())["todo"]) - set(results)
+    if unfinished:
+        log(f"started but not finished (lost): {sorted(unfinished)}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     gallery = R.OUT / "gallery" / "covid"
