@@ -326,6 +326,9 @@ def run() -> None:
             w.kill()
             last = path.read_text(errors="replace").replace("\r", "\n").strip().splitlines()
             log(f"worker {i} stopped at the deadline: {last[-1] if last else '(no output)'}")
+        elif w.returncode:  # a crash outside a run (a run's own error is logged by the worker): its traceback
+            tail = path.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-5:]
+            log(f"worker {i} exited with {w.returncode}:\n" + "\n".join(tail))
     results = {p.stem: json.loads(p.read_text()) for p in sorted((WORK / "results").glob("*.json"))}
     unfinished = set(names) - set(json.loads((WORK / "queue.json").read_text())["todo"]) - set(results)
     if unfinished:
