@@ -100,7 +100,14 @@ def stale_reasons(run: dict, name: str) -> list[str]:
 def _describe(key: str, value) -> str:
     """A previous recipe's setting, in words."""
     if key == "backbone":
-        names = {backbone_digest(b): b for b in ("he-cxr-cpu", "random", "default")} | {FIRST_BACKBONE: "he-cxr-cpu"}
+        from textdiff.backbone import BackboneLoadError
+
+        names = {FIRST_BACKBONE: "he-cxr-cpu"}
+        for backbone in ("he-cxr-cpu", "random", "default"):
+            try:
+                names[backbone_digest(backbone)] = backbone
+            except BackboneLoadError:  # not here (e.g. left out of a device call's tree): named by its digest
+                pass
         return f"backbone {names.get(value, value)}"
     if key == "step_budget":
         return f"step budget {value}"

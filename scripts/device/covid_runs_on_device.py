@@ -201,9 +201,7 @@ def pack(names) -> None:
     save_file(tensors, str(PACK / "reports.safetensors"))
     (PACK / "pack.json").write_text(json.dumps({
         "runs": [r[0] for r in runs], "texts": texts,
-        "rows": [[s.image.name, s.mask.name] for s in read_lvit(source)],
-        # the CPU backbone stays here (the call's 64 MiB): its digest lets R.done() name why an old run file is stale
-        "digests": {"he-cxr-cpu": R.backbone_digest("he-cxr-cpu")}}, indent=1))
+        "rows": [[s.image.name, s.mask.name] for s in read_lvit(source)]}, indent=1))
     size = sum(p.stat().st_size for p in PACK.rglob("*") if p.is_file())
     log(f"packed {len(runs)} runs, {len(chosen)} images, {len(tensors) // 2} report embeddings: {size / 2**20:.1f} MiB")
 
@@ -301,8 +299,6 @@ def run() -> None:
         for path in (folder / "img" / image, folder / "labelcol" / mask):
             if not path.exists():
                 path.touch()
-    packed_digests, digest = manifest.get("digests", {}), R.backbone_digest
-    R.backbone_digest = lambda backbone: packed_digests.get(backbone) or digest(backbone)
     names = [n for n in (sys.argv[2:] or manifest["runs"]) if not R.done(n)]
     runs = planned(names)
     _, chosen = needed_samples(runs)
