@@ -27,6 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fetch_text_encoder  # noqa: E402  (a sibling script)
 
 SEEDS = (0, 1, 2)
+FEATURE_CACHE = ROOT / "runs" / "feature-cache"
+# The feature cache keeps a run's features for the next runs (and the next session, where a run that did not finish
+# resumes from its cached features). The 1500-label COVID-QU-Ex points alone need 1700 images x 17 MB = 29 GB, and
+# under the engine's 20 GB cap a run beside them (another lane) would delete them while writing its own.
+DEFAULT_CACHE_MAX_GB = 40.0
+CACHE_MAX_GB: float | None = DEFAULT_CACHE_MAX_GB  # what the runs use; --cache-max-gb sets it
 CURVES = {"monuseg": (1, 3, 6, 12, 24), "covid": (10, 30, 100, 300, 1500)}
 CURVE_TITLES = {"monuseg": "MoNuSeg (H&E nuclei)\nevaluated on Val (6 images)",
                 "covid": "COVID-QU-Ex (chest X-ray infection)\nevaluated on the last 200 of Train"}
@@ -164,7 +170,8 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
     start = time.time()
     with tempfile.TemporaryDirectory() as out:
         summary = train(model, chosen, val, out, TrainConfig(epochs=epochs, seed=seed, val_every=max(1, epochs // 10),
-                                                              cache_dir=str(ROOT / "runs" / "feature-cache")),
+                                                              cache_dir=str(FEATURE_CACHE),
+                                                              cache_max_gb=CACHE_MAX_GB),
                         progress=True)
         trained = TextDiffModel.load(out)
         result = evaluate(trained, val, progress=True, use_reports=use_text)
@@ -482,14 +489,21 @@ def done(name: str) -> bool:
 
 
 def main() -> int:
+    global CACHE_MAX_GB
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only runs whose name starts with this")
     parser.add_argument("--seeds", type=lambda t: tuple(int(v) for v in t.split(",")), default=SEEDS,
                         help="curve seeds to run (default 0,1,2), e.g. --seeds 0 for a first pass")
     parser.add_argument("--plots", action="store_true", help="only redraw plots and summary.json")
+    parser.add_argument("--cache-max-gb", type=float, default=DEFAULT_CACHE_MAX_GB,
+                        help=f"feature cache limit in runs/feature-cache (default {DEFAULT_CACHE_MAX_GB:g}; the 1500-label "
+                             "COVID-QU-Ex runs need ~30); 0 = no limit")
     parser.add_argument("--from-model", nargs=2, metavar=("RUN_NAME", "MODEL_DIR"),
                         help="record an existing model folder's evaluation under a run name")
     args = parser.parse_args()
+    if args.cache_max_gb < 0:
+        parser.error(f"--cache-max-gb must be >= 0 (0 = no limit), got {args.cache_max_gb:g}")
+    CACHE_MAX_GB = args.cache_max_gb or None
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
     if args.from_model:
         name, model_dir = args.from_model

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,6 +71,42 @@ def test_each_run_file_records_the_machine_and_precision_it_ran_on(tmp_path, mon
     assert run["dice"] == pytest.approx(0.45) and run["machine"]["cores"] >= 1 and run["machine"]["device"]
     expected = "bf16" if not torch.cuda.is_available() else textdiff.backbone.resolve_precision("auto", torch.device("cuda"))
     assert run["machine"]["precision"] == expected
+
+
+def test_feature_cache_limit_reaches_every_run_and_bad_limits_are_refused(tmp_path, monkeypatch):
+    """The 1500-label features (29 GB) must survive a run beside them: the script's cap, not the engine's 20 GB."""
+    import sys
+
+    import textdiff.model
+    import textdiff.train
+
+    script = load_script()
+    limits = []
+
+    class Stop(Exception):
+        pass
+
+    def record_limit(model, chosen, val, out, config, progress=True):
+        limits.append(config.cache_max_gb)
+        raise Stop  # what follows training is not this test's business
+
+    monkeypatch.setattr(textdiff.train, "train", record_limit)
+    monkeypatch.setattr(textdiff.model.TextDiffModel, "build", classmethod(lambda cls, config: None))
+    monkeypatch.setattr(script, "splits", lambda dataset: ([SimpleNamespace(name=f"x{i}") for i in range(40)], []))
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    monkeypatch.setattr(script, "plan", lambda only, seeds=script.SEEDS: [
+        ("covid-curve-textdiff-n10-s0", script.run_textdiff, ("covid", 10, 0), {})])
+    for flag, expected in (([], script.DEFAULT_CACHE_MAX_GB), (["--cache-max-gb", "55"], 55.0),
+                           (["--cache-max-gb", "0"], None)):
+        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", *flag])
+        with pytest.raises(Stop):
+            script.main()
+        assert limits[-1] == expected
+    assert script.CACHE_MAX_GB is None and limits[0] >= 30  # the default keeps the 1500-label features
+    monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--cache-max-gb", "-1"])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert len(limits) == 3
 
 
 def test_docs_generated_from_run_files(tmp_path, monkeypatch):
