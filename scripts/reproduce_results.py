@@ -28,8 +28,8 @@ import fetch_text_encoder  # noqa: E402  (a sibling script)
 
 SEEDS = (0, 1, 2)
 FEATURE_CACHE = ROOT / "runs" / "feature-cache"
-# The feature cache keeps a run's features for the next runs (and the next session, where a run that did not finish
-# resumes from its cached features). The 1500-label COVID-QU-Ex points alone need 1700 images x 17 MB = 29 GB, and
+# The feature cache keeps a run's features for the next runs (and for a run that was stopped: it trains again from
+# the start, but without extracting them anew). The 1500-label COVID-QU-Ex points alone need 1700 images x 17 MB = 29 GB, and
 # under the engine's 20 GB cap a run beside them (another lane) would delete them while writing its own.
 DEFAULT_CACHE_MAX_GB = 40.0
 CACHE_MAX_GB: float | None = DEFAULT_CACHE_MAX_GB  # what the runs use; --cache-max-gb sets it
