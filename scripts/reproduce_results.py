@@ -29,8 +29,8 @@ import fetch_text_encoder  # noqa: E402  (a sibling script)
 SEEDS = (0, 1, 2)
 FEATURE_CACHE = ROOT / "runs" / "feature-cache"
 # The feature cache keeps a run's features for the next runs (and for a run that was stopped: it trains again from
-# the start, but without extracting them anew). The 1500-label COVID-QU-Ex points alone need 1700 images x 17 MB = 29 GB, and
-# under the engine's 20 GB cap a run beside them (another lane) would delete them while writing its own.
+# the start, but without extracting them anew). The 1500-label COVID-QU-Ex points alone need 1700 images x 17 MB =
+# 29 GB, and under the engine's 20 GB cap a run beside them (another lane) would delete them while writing its own.
 DEFAULT_CACHE_MAX_GB = 40.0
 CACHE_MAX_GB: float | None = DEFAULT_CACHE_MAX_GB  # what the runs use; --cache-max-gb sets it
 CURVES = {"monuseg": (1, 3, 6, 12, 24), "covid": (10, 30, 100, 300, 1500)}
@@ -496,12 +496,12 @@ def main() -> int:
                         help="curve seeds to run (default 0,1,2), e.g. --seeds 0 for a first pass")
     parser.add_argument("--plots", action="store_true", help="only redraw plots and summary.json")
     parser.add_argument("--cache-max-gb", type=float, default=DEFAULT_CACHE_MAX_GB,
-                        help=f"feature cache limit in runs/feature-cache (default {DEFAULT_CACHE_MAX_GB:g}; the 1500-label "
-                             "COVID-QU-Ex runs need ~30); 0 = no limit")
+                        help=f"feature cache limit in runs/feature-cache, GB (default {DEFAULT_CACHE_MAX_GB:g}; "
+                             "the 1500-label COVID-QU-Ex runs need ~30); 0 = no limit")
     parser.add_argument("--from-model", nargs=2, metavar=("RUN_NAME", "MODEL_DIR"),
                         help="record an existing model folder's evaluation under a run name")
     args = parser.parse_args()
-    if args.cache_max_gb < 0:
+    if not 0 <= args.cache_max_gb < math.inf:  # nan and inf too: the cache turns the limit into bytes
         parser.error(f"--cache-max-gb must be >= 0 (0 = no limit), got {args.cache_max_gb:g}")
     CACHE_MAX_GB = args.cache_max_gb or None
     (OUT / "runs").mkdir(parents=True, exist_ok=True)

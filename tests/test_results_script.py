@@ -103,9 +103,10 @@ def test_feature_cache_limit_reaches_every_run_and_bad_limits_are_refused(tmp_pa
             script.main()
         assert limits[-1] == expected
     assert script.CACHE_MAX_GB is None and limits[0] >= 30  # the default keeps the 1500-label features
-    monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--cache-max-gb", "-1"])
-    with pytest.raises(SystemExit):
-        script.main()
+    for bad in ("-1", "nan", "inf"):
+        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--cache-max-gb", bad])
+        with pytest.raises(SystemExit):
+            script.main()
     assert len(limits) == 3
 
 
