@@ -11,9 +11,12 @@ MB) fit, so:
     # there (carry [".gpu/covid", ".whl"], .whl: diffusers, monai, openpyxl, et_xmlfile, importlib_metadata wheels;
     # move lib/textdiff/weights/he-cxr-cpu and apps/textdiff/sample/img out of the tree for the call: with them
     # the tree, the pack (33 MiB) and the wheels (8 MiB) exceed 64 MiB; without them ~58 MiB):
-    pip install --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site DEADLINE_S=585 python3 scripts/device/covid_runs_on_device.py run
+    pip install --no-deps --target /tmp/site .whl/*.whl; PYTHONPATH=/tmp/site DEADLINE_S=585 python3 scripts/device/covid_runs_on_device.py run
+    # (--no-deps: the device has no index to resolve against, and without it pip installs nothing)
     # (measured on an H200, 12 workers: features 78 s; no-text runs 300-330 s, TextDiff runs > 425 s side by side,
-    # so one wave per 600 s call; runs unfinished at the deadline are lost, hence a deadline close to the limit)
+    # so one wave per 600 s call; runs unfinished at the deadline are lost, hence a deadline close to the limit;
+    # 4 runs with WORKERS=4 THREADS=3: features of 746 images 69 s, runs 201-283 s; 2 runs with THREADS=6: 260-277 s.
+    # A worker starts a run only if RUN_EST_S x 1.1 fits before DEADLINE_S - 20: lower RUN_EST_S for a short call)
     # (WORKERS=12 processes of THREADS=1 share the GPU; a worker starts a run only if the slowest run so far,
     # or RUN_EST_S=300 before any ended, fits before the deadline; results and the gallery come back in $OUT)
     # back here: run files into docs/results/runs/, the gallery if a run redrew it, then --plots
