@@ -130,8 +130,8 @@ FIRST_STEP_BUDGET = {"monuseg": 240, "covid": 1500}  # what runs written before 
 FIRST_BACKBONE = "edba7b9af283"  # the first shipped backbone (EMA at step 1200), of runs made before it was recorded
 # the backbone each dataset's curves and ablations are made on (a name --backbone takes). COVID-QU-Ex's moved from
 # the first, CPU-pretrained default to the GPU-pretrained default on 2026-11-27; its ~30 TextDiff runs (~65-115 min
-# each on one core in fp32, ~40 with native bf16, whatever the label count: the step budget is fixed) are redone over
-# several sessions
+# each on one core in fp32, ~30-45 with native bf16, whatever the label count: the step budget is fixed) were redone
+# over sessions 17-22
 RESULTS_BACKBONE = {"monuseg": "default", "covid": "default"}
 # ablation name suffix -> the backbone it runs on; a dataset runs those that differ from its results backbone
 BACKBONE_ABLATIONS = {"default-backbone": "default", "cpu-backbone": "he-cxr-cpu", "random-init": "random"}
