@@ -264,7 +264,8 @@ def plan(only: str | None, seeds=SEEDS):
              ("monuseg-ablation-upsampler-output", run_textdiff, at, {"upsampler_input": False}),
              ("monuseg-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
              ("monuseg-ablation-blocks-4-5", run_textdiff, at, {"blocks": [4, 5]}),
-             ("monuseg-ablation-text-every-scale", run_textdiff, at, {"text_min_stride": 1})]
+             ("monuseg-ablation-text-every-scale", run_textdiff, at, {"text_min_stride": 1}),
+             ("monuseg-ablation-head-dim-128", run_textdiff, at, {"head_dim": 128})]
     at = ("covid", ABLATION_POINT["covid"], 0)  # session 23: blocks, head width and text placement on chest X-rays
     runs += [("covid-ablation-text-every-scale", run_textdiff, at, {"text_min_stride": 1}),
              ("covid-ablation-head-dim-128", run_textdiff, at, {"head_dim": 128}),
