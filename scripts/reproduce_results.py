@@ -271,7 +271,8 @@ def plan(only: str | None, seeds=SEEDS):
              ("covid-ablation-head-dim-128", run_textdiff, at, {"head_dim": 128}),
              ("covid-ablation-blocks-0-1-2-3-4-5", run_textdiff, at, {"blocks": [0, 1, 2, 3, 4, 5]}),
              ("covid-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
-             ("covid-ablation-blocks-0-2", run_textdiff, at, {"blocks": [0, 2]})]
+             ("covid-ablation-blocks-0-2", run_textdiff, at, {"blocks": [0, 2]}),
+             ("covid-ablation-blocks-0-2-text-every-scale", run_textdiff, at, {"blocks": [0, 2], "text_min_stride": 1})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
@@ -374,6 +375,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "upsampler-output": "upsampler outputs hooked instead of their inputs",
     "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only",
     "blocks-0-2": "decoder blocks 0, 2 only (no half-resolution features)",
+    "blocks-0-2-text-every-scale": "the two above together: blocks 0, 2 and report attention at every scale",
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: both units of each level down to half resolution (0, 2, 4, 5)",
     "text-every-scale": "report attention at every scale, as the paper (the recipe: strides >= 4)",
     "head-dim-128": "head width 128 instead of 64"}
