@@ -376,7 +376,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only",
     "blocks-0-2": "decoder blocks 0, 2 only (no half-resolution features)",
     "blocks-0-2-text-every-scale": "two changes: decoder blocks 0, 2 and report attention at every scale",
-    "blocks-0-1-2-3-4-5": "decoder blocks 0-5: both units of each level down to half resolution (the recipe: 0, 2, 4, 5)",
+    "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2, 4, 5)",
     "text-every-scale": "report attention at every scale, as the paper (the recipe: strides >= 4)",
     "head-dim-128": "head width 128 instead of 64"}
 
