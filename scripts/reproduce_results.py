@@ -74,6 +74,19 @@ def backbone_digest(backbone: str) -> str:
     return weights_digest(load_unet(backbone)).hexdigest()[:12]
 
 
+def ablation_name(dataset: str, suffix: str, n: int) -> str:
+    return f"{dataset}-ablation-{suffix}" + ("" if n == ABLATION_POINT[dataset] else f"-n{n}")
+
+
+def ablation_parts(name: str) -> tuple[str, str, int]:
+    """(dataset, suffix, labels) of an ablation run's name: the inverse of ablation_name."""
+    dataset, suffix = name.split("-ablation-", 1)
+    head, _, labels = suffix.rpartition("-n")
+    if head and labels.isdigit():
+        return dataset, head, int(labels)
+    return dataset, suffix, ABLATION_POINT[dataset]
+
+
 def is_current(run: dict, name: str) -> bool:
     return not stale_reasons(run, name)
 
@@ -90,7 +103,7 @@ def stale_reasons(run: dict, name: str) -> list[str]:
                (["U-Net kept its last weights"] if run.get("checks") != UNET_CHECKS else [])
     current = recipe(dataset)
     reasons = []
-    other = BACKBONE_ABLATIONS.get(name.split("-ablation-", 1)[-1])
+    other = BACKBONE_ABLATIONS.get(ablation_parts(name)[1]) if "-ablation-" in name else None
     if other:  # a backbone ablation runs on its own backbone: redone when that one's weights change
         if old.pop("ablation_backbone", None) != backbone_digest(other):
             reasons.append(f"older {other} backbone weights")
@@ -142,6 +155,9 @@ UNET_CHECKS = 10  # evaluations to select the U-Net's weights from, as TextDiff'
 BEAT_UNET_UP_TO = {"monuseg": 6, "covid": 100}  # #7: TextDiff should beat the U-Net up to these label counts
 NAMES = {"monuseg": "MoNuSeg", "covid": "COVID-QU-Ex"}
 ABLATION_POINT = {"monuseg": 24, "covid": 300}  # the curve point every ablation of a dataset is made at
+# the backbone table's rows: the ablation point, and COVID-QU-Ex's 1500 labels too (where #4's target is set); a
+# backbone run at another point than the ablation point is named <dataset>-ablation-<suffix>-n<labels>
+BACKBONE_TABLE_POINTS = {"monuseg": (24,), "covid": (300, 1500)}
 GALLERY_POINTS = (24, 300)  # one gallery per dataset, from a run at this many labels
 WINDOWS_PER_IMAGE = {"monuseg": 4, "covid": 1}  # 1000 px tiles at x0.5 / 256 px CXR, in 256 px windows
 
@@ -260,6 +276,10 @@ def plan(only: str | None, seeds=SEEDS):
                   {"text_encoder": fetch_text_encoder.NAME}),
                  (f"{dataset}-ablation-text-every-scale", run_textdiff, (dataset, n, 0), {"text_min_stride": 1}),
                  (f"{dataset}-ablation-head-dim-128", run_textdiff, (dataset, n, 0), {"head_dim": 128})]
+    for dataset, points in BACKBONE_TABLE_POINTS.items():
+        runs += [(ablation_name(dataset, suffix, n), run_textdiff, (dataset, n, 0), {"backbone": backbone})
+                 for n in points if n != ABLATION_POINT[dataset]
+                 for suffix, backbone in BACKBONE_ABLATIONS.items() if backbone != RESULTS_BACKBONE[dataset]]
     at = ("monuseg", ABLATION_POINT["monuseg"], 0)
     runs += [("monuseg-ablation-scale-1.0", run_textdiff, at, {"scale": 1.0}),
              ("monuseg-ablation-no-image", run_textdiff, at, {"include_image": False}),
@@ -382,10 +402,11 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
 def ablation_rows(runs: dict) -> list[str]:
     rows = []
     for name in sorted(n for n in runs if "-ablation-" in n):
-        dataset, suffix = name.split("-ablation-", 1)
-        reference = runs.get(f"{dataset}-curve-textdiff-n{ABLATION_POINT[dataset]}-s0")
+        dataset, suffix, n = ablation_parts(name)
+        reference = runs.get(f"{dataset}-curve-textdiff-n{n}-s0")
         delta = f"{runs[name]['dice'] - reference['dice']:+.4f}" if reference else "-"
-        rows.append(f"| {name} | {ABLATION_CHANGES.get(suffix, suffix)} | {_cell(runs, name)} | {delta} |")
+        change = ABLATION_CHANGES.get(suffix, suffix) + ("" if n == ABLATION_POINT[dataset] else f", {n} labels")
+        rows.append(f"| {name} | {change} | {_cell(runs, name)} | {delta} |")
     return rows
 
 
@@ -393,10 +414,12 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
     table = ["| dataset (train labels -> eval set) | TextDiff, default (GPU-pretrained) backbone | CPU-pretrained "
              "backbone | random-init backbone | no text (curves' backbone) |", "|---|---|---|---|---|"]
-    for dataset, n, where in (("monuseg", 24, "MoNuSeg Train 24 -> Val 6"), ("covid", 300, "COVID-QU-Ex 300 -> last 200")):
+    evaluated_on = {"monuseg": "Val 6", "covid": "last 200"}
+    for dataset, n in ((d, n) for d, points in BACKBONE_TABLE_POINTS.items() for n in points):
+        where = f"{NAMES[dataset]} {'Train ' * (dataset == 'monuseg')}{n} -> {evaluated_on[dataset]}"
         # a backbone's run is the curve's own where the curves use that backbone, else its ablation
         cells = [_cell(runs, f"{dataset}-curve-textdiff-n{n}-s0" if backbone == RESULTS_BACKBONE[dataset]
-                       else f"{dataset}-ablation-{suffix}") for suffix, backbone in BACKBONE_ABLATIONS.items()]
+                       else ablation_name(dataset, suffix, n)) for suffix, backbone in BACKBONE_ABLATIONS.items()]
         table.append(f"| {where} | " + " | ".join(cells) + f" | {_cell(runs, f'{dataset}-curve-notext-n{n}-s0')} |")
     curves = {}
     for dataset, points in CURVES.items():
@@ -431,7 +454,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
                   "same labels (Dice difference; '-' where one of them has no run for that seed yet).", "", *paired]
     lines += ["", "## Ablations (one seed)", "",
               "Each run changes one thing in the recipe of the curves' seed-0 run with as many labels (MoNuSeg 24,",
-              "COVID-QU-Ex 300); the last column is its Dice minus that run's.", "",
+              "COVID-QU-Ex 300 unless the run says otherwise); the last column is its Dice minus that run's.", "",
               "| run | what changes | Dice / IoU | vs the recipe |", "|---|---|---|---|"]
     lines += ablation_rows(runs)
     gallery = sorted((OUT / "gallery").glob("*/*.png"))

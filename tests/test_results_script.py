@@ -150,6 +150,13 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
         assert script.is_current({"recipe": {**script.recipe("covid"), "ablation_backbone": shipped(backbone)}}, name)
         assert not script.is_current({"recipe": {**script.recipe("covid"), "ablation_backbone": "2" * 12}}, name)
         assert not script.is_current({"recipe": script.recipe("covid")}, name)
+    # the backbone table's extra row (COVID-QU-Ex at 1500 labels) plans its own backbone runs, judged the same way
+    name = script.ablation_name("covid", "random-init", 1500)
+    assert name == "covid-ablation-random-init-n1500" and name in planned
+    assert script.ablation_parts(name) == ("covid", "random-init", 1500)
+    assert script.ablation_parts("covid-ablation-tokens-10") == ("covid", "tokens-10", 300)
+    assert script.is_current({"recipe": {**script.recipe("covid"), "ablation_backbone": shipped("random")}}, name)
+    assert not script.is_current({"recipe": script.recipe("covid")}, name)
     # a U-Net given fewer steps than TextDiff's budget is not a fair baseline: redone as well
     assert script.UNET_STEPS["covid"] >= script.STEP_BUDGET["covid"]
     checked = {"checks": script.UNET_CHECKS}
@@ -167,7 +174,13 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     # an ablation is shown against the curves' seed-0 run at its point, saying what it changes
     (tmp_path / "docs/results/runs/monuseg-ablation-tokens-10.json").write_text(json.dumps(
         {"dice": 0.65, "iou": 0.55, "recipe": script.recipe("monuseg")}))
+    (tmp_path / "docs/results/runs/covid-ablation-random-init-n1500.json").write_text(json.dumps(
+        {"dice": 0.6, "iou": 0.5, "recipe": {**script.recipe("covid"), "ablation_backbone": shipped("random")}}))
     script.plots()
+    results = (tmp_path / "docs" / "results.md").read_text()
+    assert "| COVID-QU-Ex 1500 -> last 200 | not run yet | not run yet | 0.6000 / 0.5000 | not run yet |" in results
+    assert "| covid-ablation-random-init-n1500 | a random-init backbone of the same architecture, 1500 labels | " \
+           "0.6000 / 0.5000 | - |" in results
     assert "| monuseg-ablation-tokens-10 | the report cut to 10 word pieces (64) | 0.6500 / 0.5500 | -0.0500 |" in \
         (tmp_path / "docs" / "results.md").read_text()
     readme = (tmp_path / "README.md").read_text()
