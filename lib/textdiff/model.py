@@ -225,8 +225,10 @@ class TextDiffModel(torch.nn.Module):
         with _autocast(self.device, resolve_precision(self.config.precision, self.device)):
             logits = (head or self.head)(features, tokens, mask, dihedral, box, variants)
         size = size or self.config.window
-        return torch.nn.functional.interpolate(logits.float(), size=(size, size) if isinstance(size, int) else size,
-                                               mode="bilinear", align_corners=False)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if logits.shape[-2:] == size:  # the head already works at window resolution: resizing would be a copy
+            return logits.float()
+        return torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
     def use_test_time_variants(self, count: int | None) -> "TextDiffModel":
         """Average inference over ``count`` flips/rotations from now on (None: keep the model's setting)."""
