@@ -291,6 +291,8 @@ def plan(only: str | None, seeds=SEEDS):
              ("covid-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
              ("covid-ablation-blocks-0-2", run_textdiff, at, {"blocks": [0, 2]}),
              ("covid-ablation-blocks-0-2-text-every-scale", run_textdiff, at, {"blocks": [0, 2], "text_min_stride": 1})]
+    # session 25: the best block choice at 300 labels, at the 1500 labels of #4's target (where seeds differ by ~0.001)
+    runs += [(ablation_name("covid", "blocks-0-2", 1500), run_textdiff, ("covid", 1500, 0), {"blocks": [0, 2]})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
