@@ -130,6 +130,100 @@ def test_validation_every_n_epochs_and_after_the_last(tiny_model, lvit_folder, t
         train(tiny_model, samples[:2], [], tmp_path / "m2", TrainConfig(epochs=1, val_every=0), progress=False)
 
 
+def test_a_stopped_run_resumes_to_the_same_head_as_an_uninterrupted_one(tiny_model, lvit_folder, tmp_path):
+    import copy
+
+    import torch
+
+    from textdiff.train import TRAIN_STATE_NAME
+
+    samples = read_lvit(lvit_folder)
+    initial = copy.deepcopy(tiny_model.head.state_dict())
+    cache = FeatureCache(tiny_model)
+    config = TrainConfig(epochs=3, val_every=2, checkpoint=True)
+    whole = train(tiny_model, samples[:2], samples[2:], tmp_path / "whole", config, progress=False, cache=cache)
+    whole_head = copy.deepcopy(tiny_model.head.state_dict())
+    assert not (tmp_path / "whole" / TRAIN_STATE_NAME).exists()  # a complete run leaves nothing to resume
+
+    tiny_model.head.load_state_dict(initial)
+    calls = []
+    train(tiny_model, samples[:2], samples[2:], tmp_path / "parts", config, progress=False, cache=cache,
+          should_stop=lambda: calls.append(1) or len(calls) == 2)  # stopped after epoch 2 of 3
+    assert (tmp_path / "parts" / TRAIN_STATE_NAME).is_file()
+    tiny_model.head.load_state_dict(initial)  # what a new process would build
+    config.resume = True
+    resumed = train(tiny_model, samples[:2], samples[2:], tmp_path / "parts", config, progress=False, cache=cache)
+    assert resumed["resumed_at_epoch"] == 3 and resumed["epochs_run"] == 3
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    assert resumed["best"] == whole["best"]
+    for name, value in tiny_model.head.state_dict().items():
+        torch.testing.assert_close(value, whole_head[name], rtol=0, atol=0)
+    assert not (tmp_path / "parts" / TRAIN_STATE_NAME).exists()
+
+
+def test_resuming_with_other_options_or_a_damaged_state_fails_before_extracting(tiny_model, lvit_folder, tmp_path):
+    from textdiff.train import TRAIN_STATE_NAME
+
+    samples = read_lvit(lvit_folder)
+    out = tmp_path / "model"
+    train(tiny_model, samples[:2], samples[2:], out, TrainConfig(epochs=3, checkpoint=True), progress=False,
+          should_stop=lambda: True)
+    state = (out / TRAIN_STATE_NAME).read_bytes()
+    cache = FeatureCache(tiny_model)
+    for changed in (TrainConfig(epochs=3, lr=1e-4, resume=True), TrainConfig(epochs=4, resume=True)):
+        with pytest.raises(ValueError, match="other data or options"):
+            train(tiny_model, samples[:2], samples[2:], out, changed, progress=False, cache=cache)
+    with pytest.raises(ValueError, match="other data or options"):  # other training images
+        train(tiny_model, samples[1:3], samples[2:], out, TrainConfig(epochs=3, resume=True), progress=False,
+              cache=cache)
+    (out / TRAIN_STATE_NAME).write_bytes(state[: len(state) // 2])
+    with pytest.raises(ValueError, match="cannot read the training state"):
+        train(tiny_model, samples[:2], samples[2:], out, TrainConfig(epochs=3, resume=True), progress=False,
+              cache=cache)
+    assert cache.extractions == 0
+    assert (out / TRAIN_STATE_NAME).read_bytes() == state[: len(state) // 2]  # kept for the user to look at
+    # without resuming, a run starts over and replaces the state
+    summary = train(tiny_model, samples[:2], samples[2:], out, TrainConfig(epochs=2, checkpoint=True),
+                    progress=False, cache=cache)
+    assert summary["resumed_at_epoch"] is None and not (out / TRAIN_STATE_NAME).exists()
+
+
+def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_dir, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from textdiff.train import TRAIN_STATE_NAME
+
+    out = tmp_path / "model"
+    command = ["train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(out), "--epochs", "40",
+               "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
+               "--head-dim", "16", "--cache-dir", str(tmp_path / "cache")]
+    process = subprocess.Popen([sys.executable, "-m", "textdiff.cli", *command], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=os.environ)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / TRAIN_STATE_NAME).is_file():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / TRAIN_STATE_NAME).is_file()
+    assert main(command) == 0  # without --resume: a note, then a fresh start
+    assert "--resume continues it" in capsys.readouterr().err
+    process = subprocess.Popen([sys.executable, "-m", "textdiff.cli", *command], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=os.environ)
+    while time.time() < deadline and not (out / TRAIN_STATE_NAME).is_file():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert main([*command, "--resume"]) == 0
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["resumed_at_epoch"] > 1 and summary["epochs_run"] == 40
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 41))
+    assert not (out / TRAIN_STATE_NAME).exists()
+
+
 def test_unwritable_feature_cache_costs_the_cache_not_the_training(tiny_model, lvit_folder, tmp_path):
     samples = read_lvit(lvit_folder)
     blocked = tmp_path / "not-a-folder"

@@ -61,7 +61,7 @@ def _device(name: str | None):
 def cmd_train(args) -> int:
     from .data import read_image, read_lvit
     from .model import ModelConfig, TextDiffModel
-    from .train import DEFAULT_CACHE_MAX_GB, TrainConfig, train
+    from .train import DEFAULT_CACHE_MAX_GB, TRAIN_STATE_NAME, TrainConfig, train
 
     if args.cache_max_gb is not None and args.cache_max_gb < 0:  # before minutes of loading and extraction
         raise ValueError(f"--cache-max-gb must be >= 0 (0 = no limit), got {args.cache_max_gb}")
@@ -85,13 +85,17 @@ def cmd_train(args) -> int:
     from .distributed import setup, teardown
 
     _, world, device = setup()  # under torchrun: one process per device, images sharded
+    if not args.resume and (Path(args.out) / TRAIN_STATE_NAME).is_file():
+        print(f"note: {args.out} holds a stopped run's training state; starting over (--resume continues it)",
+              file=sys.stderr)
     model = TextDiffModel.build(config, _device(args.device) or device)
     summary = train(model, samples, val, args.out,
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                 val_every=args.val_every,
                                 variants=args.variants, cache_dir=args.cache_dir,
                                 cache_max_gb=DEFAULT_CACHE_MAX_GB if args.cache_max_gb is None else args.cache_max_gb or None,
-                                feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout))
+                                feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout,
+                                checkpoint=True, resume=args.resume))
     teardown()
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and sampling (default 0)")
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--val-limit", type=int, help="use only the last N validation samples")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run from the training state it left in --out (same data and options); "
+                        "every run leaves one after each epoch until it completes")
     p.add_argument("--cache-dir", help="also keep frozen features on disk here (reused across runs)")
     p.add_argument("--cache-max-gb", type=float,
                    help="the cache folder's size limit (default 20): least recently used feature files are deleted "

@@ -52,6 +52,10 @@ class TrainConfig:
     cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
     cache_max_gb: float | None = DEFAULT_CACHE_MAX_GB  # least recently used files go beyond this; None = no limit
     val_every: int = 1  # validate every this many epochs (and after the last): runs of many tiny epochs
+    # write the training state to out_dir/TRAIN_STATE_NAME after every epoch (removed when the run completes), so a
+    # stopped run can continue with resume=True: a 1500-image chest X-ray run is hours of head epochs on a CPU
+    checkpoint: bool = False
+    resume: bool = False  # continue from out_dir's training state when there is one (same data and options)
 
 
 @dataclass
@@ -331,6 +335,33 @@ def validate(model: TextDiffModel, images) -> dict:
     return {"dice": dice, "iou": iou, "n": len(per_image), "per_image": per_image}
 
 
+TRAIN_STATE_NAME = "training-state.pt"
+# TrainConfig fields that may differ between a stopped run and the run that resumes it
+_RESUME_FREE = ("cache_dir", "cache_max_gb", "checkpoint", "resume")
+
+
+def _run_identity(model: TextDiffModel, config: TrainConfig, train_samples, val_samples, world: int) -> str:
+    """What a training state belongs to: resuming with other data, options or head would silently mix two runs."""
+    options = {k: v for k, v in config.__dict__.items() if k not in _RESUME_FREE}
+    recipe = {k: v for k, v in model.config.to_dict().items() if k != "weights"}
+    names = [[str(s.image) for s in train_samples], [str(s.image) for s in val_samples or []]]
+    blob = json.dumps([options, recipe, names, world], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_train_state(path: Path, identity: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # the RNG state must stay on the CPU
+    except Exception as error:  # e.g. a truncated copy: say which file, keep it for the user to look at
+        raise ValueError(f"cannot read the training state {path} ({error}); delete it to start over") from None
+    if not isinstance(state, dict) or state.get("identity") != identity:
+        raise ValueError(f"{path} belongs to a run with other data or options: resume with the same ones, or train "
+                         f"without resuming (which starts over and replaces it)")
+    return state
+
+
 def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[Sample] | None, out_dir: str | Path,
           config: TrainConfig = TrainConfig(), progress: bool = True, cache: FeatureCache | None = None,
           should_stop=None) -> dict:
@@ -342,6 +373,9 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     if config.val_every < 1:
         raise ValueError("val_every must be at least 1")
     rank, world = distributed.current()  # under torchrun / multi_gpu: images sharded, head in DDP, rank 0 validates
+    state_path = Path(out_dir) / TRAIN_STATE_NAME
+    identity = _run_identity(model, config, train_samples, val_samples, world)
+    resumed = _read_train_state(state_path, identity) if config.resume else None  # before minutes of extraction
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + rank)
     started = time.time()
@@ -381,8 +415,20 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=config.lambda_dice)
     best = {"dice": -1.0, "iou": None, "epoch": 0}
+    best_state = None  # set by the first improving epoch (the last epoch always validates)
     history = []
-    epochs = tqdm(range(1, config.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    first_epoch, wall_before = 1, 0.0
+    if resumed is not None:
+        head.load_state_dict(resumed["head"])
+        best_state = resumed["best_head"]
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        rng.setstate(resumed["rng"])
+        torch.set_rng_state(resumed["torch_rng"])
+        best, history = resumed["best"], resumed["history"]
+        first_epoch, wall_before = len(history) + 1, float(resumed["wall_s"])
+    epochs = tqdm(range(first_epoch, config.epochs + 1), desc="train", unit="epoch", disable=not progress,
+                  initial=first_epoch - 1, total=config.epochs)
     for epoch in epochs:
         epoch_started = time.time()
         head.train()
@@ -425,14 +471,24 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record['dice']:.3f}", best=f"{best['dice']:.3f}")
         else:
             epochs.set_postfix(loss=f"{record['loss']:.3f}")
+        if config.checkpoint and rank == 0 and epoch < config.epochs:
+            state = {"identity": identity, "head": head.state_dict(), "best_head": best_state,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "best": best, "history": history,
+                     "wall_s": wall_before + time.time() - started}
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            _atomic_write(state_path, lambda path: torch.save(state, path))
         if stopping:
             break
     head.load_state_dict(best_state)
     head.eval()
     summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples), "world_size": world,
-               "val_images": len(val_images), "windows": n_windows, "wall_s": round(time.time() - started, 1),
+               "val_images": len(val_images), "windows": n_windows,
+               "wall_s": round(wall_before + time.time() - started, 1), "resumed_at_epoch": first_epoch if first_epoch > 1 else None,
                "features_s": round(features_s, 1),
                "backbone_tiles_extracted": cache.extractions, "config": config.__dict__, "history": history}
     if rank == 0:
         model.save(out_dir, extra=summary)
+        if len(history) == config.epochs:  # complete: nothing left to resume
+            state_path.unlink(missing_ok=True)
     return summary
