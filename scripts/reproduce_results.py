@@ -311,7 +311,9 @@ def plan(only: str | None, seeds=SEEDS):
     at = ("covid", 1500, 0)
     runs += [(ablation_name("covid", "blocks-0-2-epochs-24", 1500), run_textdiff, at, {"blocks": [0, 2], "epochs": 24}),
              (ablation_name("covid", "blocks-0-2-text-dropout-0.1", 1500), run_textdiff, at,
-              {"blocks": [0, 2], "text_dropout": 0.1})]
+              {"blocks": [0, 2], "text_dropout": 0.1}),
+             # how far the step budget goes (~2.5 h of one-thread CPU epochs: resumes across sessions)
+             (ablation_name("covid", "blocks-0-2-epochs-48", 1500), run_textdiff, at, {"blocks": [0, 2], "epochs": 48})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
@@ -419,6 +421,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "text-every-scale": "report attention at every scale, as the paper (the recipe: strides >= 4)",
     "head-dim-128": "head width 128 instead of 64",
     "blocks-0-2-epochs-24": "two changes: decoder blocks 0, 2 and 24 epochs instead of 12 (twice the step budget)",
+    "blocks-0-2-epochs-48": "two changes: decoder blocks 0, 2 and 48 epochs instead of 12 (4x the step budget)",
     "blocks-0-2-text-dropout-0.1": "two changes: decoder blocks 0, 2 and text dropout 0.1 instead of 0.5"}
 
 
