@@ -198,14 +198,14 @@ def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_
     from textdiff.train import TRAIN_STATE_NAME
 
     out = tmp_path / "model"
-    command = ["train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(out), "--epochs", "40",
+    command = ["train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(out), "--epochs", "60",
                "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
                "--head-dim", "16", "--cache-dir", str(tmp_path / "cache")]
     process = subprocess.Popen([sys.executable, "-m", "textdiff.cli", *command], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=os.environ)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / TRAIN_STATE_NAME).is_file():
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (out / TRAIN_STATE_NAME).is_file()
@@ -214,13 +214,13 @@ def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_
     process = subprocess.Popen([sys.executable, "-m", "textdiff.cli", *command], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=os.environ)
     while time.time() < deadline and not (out / TRAIN_STATE_NAME).is_file():
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert main([*command, "--resume"]) == 0
     summary = json.loads((out / "training.json").read_text())
-    assert summary["resumed_at_epoch"] > 1 and summary["epochs_run"] == 40
-    assert [h["epoch"] for h in summary["history"]] == list(range(1, 41))
+    assert summary["resumed_at_epoch"] > 1 and summary["epochs_run"] == 60
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 61))
     assert not (out / TRAIN_STATE_NAME).exists()
 
 
@@ -318,3 +318,27 @@ def test_cli_train_under_torchrun_with_two_cpu_processes(lvit_folder, tiny_unet_
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "training.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_run"] == 2 and summary["best"]["dice"] is not None
+    # killed midway, then resumed: every rank picks up its own sampling stream
+    import time
+
+    from textdiff.train import TRAIN_STATE_NAME
+
+    longer = [*command[:-1], "8"]  # ~1 s per epoch under DDP: the kill lands well before the end
+    import psutil
+
+    process = subprocess.Popen(longer, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / TRAIN_STATE_NAME).is_file():
+        time.sleep(0.01)
+    launcher = psutil.Process(process.pid)
+    tree = [*launcher.children(recursive=True), launcher]  # torchrun starts each worker in its own session
+    for member in tree:
+        member.kill()
+    process.wait()
+    psutil.wait_procs(tree, timeout=30)
+    assert (out / TRAIN_STATE_NAME).is_file()
+    result = subprocess.run([*longer, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["world_size"] == 2 and summary["resumed_at_epoch"] > 1 and summary["epochs_run"] == 8
+    assert not (out / TRAIN_STATE_NAME).exists()

@@ -423,7 +423,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         best_state = resumed["best_head"]
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        rng.setstate(resumed["rng"])
+        rng.setstate(resumed["rng"][rank])
         torch.set_rng_state(resumed["torch_rng"])
         best, history = resumed["best"], resumed["history"]
         first_epoch, wall_before = len(history) + 1, float(resumed["wall_s"])
@@ -471,13 +471,18 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record['dice']:.3f}", best=f"{best['dice']:.3f}")
         else:
             epochs.set_postfix(loss=f"{record['loss']:.3f}")
-        if config.checkpoint and rank == 0 and epoch < config.epochs:
-            state = {"identity": identity, "head": head.state_dict(), "best_head": best_state,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "best": best, "history": history,
-                     "wall_s": wall_before + time.time() - started}
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            _atomic_write(state_path, lambda path: torch.save(state, path))
+        if config.checkpoint and epoch < config.epochs:
+            rngs = [rng.getstate()]  # every rank's window sampling stream, so a resumed DDP run samples as before
+            if world > 1:
+                rngs = [None] * world
+                torch.distributed.all_gather_object(rngs, rng.getstate())
+            if rank == 0:
+                state = {"identity": identity, "head": head.state_dict(), "best_head": best_state,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs,
+                         "torch_rng": torch.get_rng_state(), "best": best, "history": history,
+                         "wall_s": wall_before + time.time() - started}
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                _atomic_write(state_path, lambda path: torch.save(state, path))
         if stopping:
             break
     head.load_state_dict(best_state)
