@@ -344,7 +344,7 @@ def _run_identity(model: TextDiffModel, config: TrainConfig, train_samples, val_
     """What a training state belongs to: resuming with other data, options or head would silently mix two runs."""
     options = {k: v for k, v in config.__dict__.items() if k not in _RESUME_FREE}
     recipe = {k: v for k, v in model.config.to_dict().items() if k != "weights"}
-    names = [[str(s.image) for s in train_samples], [str(s.image) for s in val_samples or []]]
+    names = [[str(Path(s.image).resolve()) for s in samples] for samples in (train_samples, val_samples or [])]
     blob = json.dumps([options, recipe, names, world], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -374,7 +374,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         raise ValueError("val_every must be at least 1")
     rank, world = distributed.current()  # under torchrun / multi_gpu: images sharded, head in DDP, rank 0 validates
     state_path = Path(out_dir) / TRAIN_STATE_NAME
-    identity = _run_identity(model, config, train_samples, val_samples, world)
+    identity = _run_identity(model, config, train_samples, val_samples, world) if config.checkpoint or config.resume \
+        else None
     resumed = _read_train_state(state_path, identity) if config.resume else None  # before minutes of extraction
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + rank)
@@ -489,7 +490,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     head.eval()
     summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples), "world_size": world,
                "val_images": len(val_images), "windows": n_windows,
-               "wall_s": round(wall_before + time.time() - started, 1), "resumed_at_epoch": first_epoch if first_epoch > 1 else None,
+               "wall_s": round(wall_before + time.time() - started, 1),  # all parts of a resumed run
+               "resumed_at_epoch": first_epoch if first_epoch > 1 else None,
                "features_s": round(features_s, 1),
                "backbone_tiles_extracted": cache.extractions, "config": config.__dict__, "history": history}
     if rank == 0:
