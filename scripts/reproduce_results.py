@@ -187,7 +187,7 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
         model_kw["text_encoder"] = str(fetch_text_encoder.ensure_mpnet())
     config = ModelConfig(backbone=backbone, use_text=use_text, scale=model_kw.pop("scale", scale_of(dataset)),
                          labels={"background": 0, "lesion" if dataset == "covid" else "nucleus": 1}, **model_kw)
-    model = TextDiffModel.build(config)
+    model = TextDiffModel.build(config, seed=seed)  # from session 26; before, the init hung on the runs before it
     epochs = epochs or epochs_for(dataset, len(chosen))
     start = time.time()
     with tempfile.TemporaryDirectory() as temporary:

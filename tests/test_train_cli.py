@@ -224,6 +224,27 @@ def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_
     assert not (out / TRAIN_STATE_NAME).exists()
 
 
+def test_the_seed_decides_the_heads_initialisation(tiny_model):
+    import torch
+
+    from textdiff.model import TextDiffModel
+
+    def head(seed):
+        torch.rand(7)  # whatever ran before must not matter
+        model = TextDiffModel.build(tiny_model.config, "cpu", tiny_model.features.unet, tiny_model.encoder, seed=seed)
+        return torch.cat([p.flatten() for p in model.head.parameters()])
+
+    before = torch.get_rng_state()
+    assert torch.equal(head(3), head(3))
+    assert not torch.equal(head(3), head(4))
+    torch.set_rng_state(before)
+    torch.rand(7)
+    unseeded = torch.get_rng_state()
+    torch.set_rng_state(before)
+    head(3)
+    assert torch.equal(torch.get_rng_state(), unseeded)  # a seeded build leaves the global RNG as it was
+
+
 def test_unwritable_feature_cache_costs_the_cache_not_the_training(tiny_model, lvit_folder, tmp_path):
     samples = read_lvit(lvit_folder)
     blocked = tmp_path / "not-a-folder"

@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
     if not args.resume and (Path(args.out) / TRAIN_STATE_NAME).is_file():
         print(f"note: {args.out} holds a stopped run's training state; starting over (--resume continues it)",
               file=sys.stderr)
-    model = TextDiffModel.build(config, _device(args.device) or device)
+    model = TextDiffModel.build(config, _device(args.device) or device, seed=args.seed)
     summary = train(model, samples, val, args.out,
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                 val_every=args.val_every,

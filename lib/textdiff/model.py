@@ -128,8 +128,10 @@ class TextDiffModel(torch.nn.Module):
 
     # ----- construction -------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, config: ModelConfig, device=None, unet=None, encoder: ReportEncoder | None = None):
-        """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given."""
+    def build(cls, config: ModelConfig, device=None, unet=None, encoder: ReportEncoder | None = None,
+              seed: int | None = None):
+        """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given.
+        ``seed``: the head's initialisation (else the global RNG's state, which depends on what ran before)."""
         device = torch.device(device or default_device())
 
         def features_of(backbone) -> DiffusionFeatures:
@@ -161,9 +163,12 @@ class TextDiffModel(torch.nn.Module):
                              f"the model was trained with {config.feature_channels}")
         config.feature_channels = list(spec.channels)
         config.backbone_fingerprint = fingerprint
-        head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
-                          config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
-                          upsample=list(spec.upsample), position=config.position).to(device)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG alone
+            if seed is not None:
+                torch.manual_seed(seed)
+            head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
+                              config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
+                              upsample=list(spec.upsample), position=config.position).to(device)
         return cls(config, features, encoder, head)
 
     @classmethod

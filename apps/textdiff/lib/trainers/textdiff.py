@@ -71,7 +71,7 @@ class TextDiffTrain(TrainTask):
                 gpus, self.new_model_config().to_dict(), train_samples, val_samples, str(self.settings.model_dir), config))
             summary = json.loads((self.settings.model_dir / "training.json").read_text())
         else:
-            model = TextDiffModel.build(self.new_model_config(), self.settings.device)
+            model = TextDiffModel.build(self.new_model_config(), self.settings.device, seed=config.seed)
             summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False)
         summary.pop("history", None)
         return summary | {"published": str(self.settings.model_dir)}
@@ -93,6 +93,6 @@ def _train_worker(rank: int, world: int, config: dict, train_samples, val_sample
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # MONAI Label sets both for its train subprocess
     os.environ.setdefault("MASTER_PORT", "29517")
     _, _, device = distributed.setup()
-    model = TextDiffModel.build(ModelConfig.from_dict(config), device)
+    model = TextDiffModel.build(ModelConfig.from_dict(config), device, seed=train_config.seed)
     train(model, train_samples, val_samples, out_dir, train_config, progress=False)
     distributed.teardown()
