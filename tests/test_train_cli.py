@@ -222,6 +222,9 @@ def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_
     assert summary["resumed_at_epoch"] > 1 and summary["epochs_run"] == 60
     assert [h["epoch"] for h in summary["history"]] == list(range(1, 61))
     assert not (out / TRAIN_STATE_NAME).exists()
+    capsys.readouterr()
+    assert main([*command, "--epochs", "2", "--resume"]) == 0  # nothing to resume: said, then a fresh run
+    assert "no training state" in capsys.readouterr().err
 
 
 def test_the_seed_decides_the_heads_initialisation(tiny_model):

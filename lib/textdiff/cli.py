@@ -85,8 +85,10 @@ def cmd_train(args) -> int:
     from .distributed import setup, teardown
 
     _, world, device = setup()  # under torchrun: one process per device, images sharded
-    if not args.resume and (Path(args.out) / TRAIN_STATE_NAME).is_file():
-        print(f"note: {args.out} holds a stopped run's training state; starting over (--resume continues it)",
+    has_state = (Path(args.out) / TRAIN_STATE_NAME).is_file()
+    if has_state != args.resume:
+        print(f"note: {args.out} holds a stopped run's training state; starting over (--resume continues it)"
+              if has_state else f"note: no training state in {args.out} to resume; starting from epoch 1",
               file=sys.stderr)
     model = TextDiffModel.build(config, _device(args.device) or device, seed=args.seed)
     summary = train(model, samples, val, args.out,
