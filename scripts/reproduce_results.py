@@ -288,7 +288,8 @@ def plan(only: str | None, seeds=SEEDS):
                  (f"{dataset}-ablation-text-mpnet", run_textdiff, (dataset, n, 0),
                   {"text_encoder": fetch_text_encoder.NAME}),
                  (f"{dataset}-ablation-text-every-scale", run_textdiff, (dataset, n, 0), {"text_min_stride": 1}),
-                 (f"{dataset}-ablation-head-dim-128", run_textdiff, (dataset, n, 0), {"head_dim": 128})]
+                 (f"{dataset}-ablation-head-dim-128", run_textdiff, (dataset, n, 0), {"head_dim": 128}),
+                 (f"{dataset}-ablation-subpixel", run_textdiff, (dataset, n, 0), {"subpixel": True})]
     for dataset, points in BACKBONE_TABLE_POINTS.items():
         runs += [(ablation_name(dataset, suffix, n), run_textdiff, (dataset, n, 0), {"backbone": backbone})
                  for n in points if n != ABLATION_POINT[dataset]
@@ -420,6 +421,8 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2, 4, 5)",
     "text-every-scale": "report attention at every scale, as the paper (the recipe: strides >= 4)",
     "head-dim-128": "head width 128 instead of 64",
+    "subpixel": "`--subpixel`: no full-resolution maps in the head (the image folded into 2x2 blocks, 4 pixels "
+                "per prediction)",
     "blocks-0-2-epochs-24": "two changes: decoder blocks 0, 2 and 24 epochs instead of 12 (twice the step budget)",
     "blocks-0-2-epochs-48": "two changes: decoder blocks 0, 2 and 48 epochs instead of 12 (4x the step budget)",
     "blocks-0-2-text-dropout-0.1": "two changes: decoder blocks 0, 2 and text dropout 0.1 instead of 0.5"}

@@ -447,6 +447,35 @@ def test_learned_upsampling_head_and_its_augmentation():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_subpixel_head_has_no_full_resolution_map_and_turns_its_input_exactly():
+    from textdiff.head import rotate_flip
+
+    torch.manual_seed(0)
+    # coarse scale, an upsampler's input (stride 2, would join at 1), the image (stride 1)
+    head = FusionHead([12, 6, 3], text_dim=32, dim=16, strides=[4, 2, 1], upsample=[False, True, False],
+                      subpixel=True).eval()
+    feats = [torch.randn(2, 12, 4, 4), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 16, 16)]
+    text = torch.randn(2, 5, 32)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]) if o.dim() == 4 else None)
+             for m in head.modules() if not isinstance(m, (FusionHead, torch.nn.Sequential))]
+    assert head(feats, text).shape == (2, 2, 16, 16)
+    for hook in hooks:
+        hook.remove()
+    assert max(sizes[:-1]) == 8 and sizes[-1] == 16  # only the classifier's 2x2 unfolding is full size
+    for turns, flip in ((1, False), (2, True), (3, True)):
+        moved = head([rotate_flip(f, turns, flip) for f in feats], text)
+        torch.testing.assert_close(head(feats, text, dihedral=(turns, flip)), moved, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(moved, head(feats, text), atol=1e-3)
+    # channels-last input (what training batches are) gives the same logits
+    cl = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    torch.testing.assert_close(head(cl, text, dihedral=(1, True)), head(feats, text, dihedral=(1, True)),
+                               rtol=1e-4, atol=1e-5)
+    # the plain head keeps its full-resolution stage
+    assert FusionHead([12, 6, 3], text_dim=32, dim=16, strides=[4, 2, 1], upsample=[False, True, False]).fine == \
+        [False, True, True]
+
+
 def test_models_saved_before_upsampler_input_keep_hooking_outputs():
     from textdiff.model import ModelConfig
 

@@ -120,6 +120,34 @@ def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model,
             assert y.untyped_storage().resizable()
 
 
+def test_cached_maps_batch_channels_last_and_old_cache_files_still_load(tiny_model, lvit_folder, tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from textdiff.train import map_safetensors, stack_windows
+
+    sample = read_lvit(lvit_folder)[0]
+    cache = FeatureCache(tiny_model, tmp_path / "cache")
+    fresh = cache.get(sample)
+    crops = [f[:, :4, 2:6] for f in fresh.tiles[0].features]
+    for crop in crops:
+        batch = stack_windows([crop, crop])
+        assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch[1], crop)
+    # a file written before the pixel-major layout: (C, h, w) maps without a layout tag
+    [path] = (tmp_path / "cache").glob("*.safetensors")
+    tensors, meta = map_safetensors(path)
+    assert meta["layout"] == "hwc"
+    old = {name: t.permute(2, 0, 1).contiguous() for name, t in tensors.items()}
+    save_file(old, str(path), metadata={k: v for k, v in meta.items() if k != "layout"})
+    again = FeatureCache(tiny_model, tmp_path / "cache").get(sample)
+    assert FeatureCache(tiny_model).extractions == 0 and json.loads(meta["starts"])
+    for a, b in zip(again.tiles, fresh.tiles):
+        for x, y in zip(a.features, b.features):
+            assert torch.equal(x, y) and not x.untyped_storage().resizable()
+
+
 def test_validation_every_n_epochs_and_after_the_last(tiny_model, lvit_folder, tmp_path):
     samples = read_lvit(lvit_folder)
     summary = train(tiny_model, samples[:2], samples[2:], tmp_path / "model", TrainConfig(epochs=5, val_every=2),
@@ -278,12 +306,14 @@ def test_cli_train_evaluate_infer(lvit_folder, tiny_unet_dir, tiny_encoder_dir, 
     assert config["position"] is True  # the default: report attention knows where each token lies
     plain_dir = tmp_path / "no-position"
     assert main(["train", "--data", str(lvit_folder), "--out", str(plain_dir), "--epochs", "1", "--head-dim", "16",
-                 "--no-position", "--test-time-variants", "2", *common]) == 0
+                 "--no-position", "--test-time-variants", "2", "--subpixel", *common]) == 0
     from textdiff.model import TextDiffModel
 
     plain = TextDiffModel.load(plain_dir)
     assert plain.config.position is False and plain.config.test_time_variants == 2
     assert all(getattr(m, "position", None) is None for m in plain.head.fuse_text)
+    assert config["subpixel"] is False and plain.config.subpixel is True and plain.head.subpixel
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(plain_dir), "--json"]) == 0
 
     capsys.readouterr()
     assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--json",

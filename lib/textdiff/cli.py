@@ -46,6 +46,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=64, help="width of the head's report attention (default 64)")
     p.add_argument("--text-min-stride", type=int, default=4,
                    help="scales at least this coarse attend to the report (default 4; 1 = every scale, as in the paper)")
+    p.add_argument("--subpixel", action=argparse.BooleanOptionalAction, default=None,
+                   help="a head without full-resolution maps (the image folded into 2x2 blocks, 4 pixels per "
+                        "prediction): ~1.7x faster head epochs on CPU, ~0.02 lower Dice on MoNuSeg's small nuclei "
+                        "(default: off, a full-resolution last stage)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help=PRECISION_HELP)
     p.add_argument("--label", default="foreground", help="name of the foreground class (default foreground)")
@@ -81,6 +85,7 @@ def cmd_train(args) -> int:
                          scale=scale,
                          labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision,
                          text_min_stride=args.text_min_stride,
+                         **({} if args.subpixel is None else {"subpixel": args.subpixel}),
                          test_time_variants=1 if args.test_time_variants is None else args.test_time_variants)
     from .distributed import setup, teardown
 

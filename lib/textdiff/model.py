@@ -64,6 +64,8 @@ class ModelConfig:
     head_heads: int = 4
     position: bool = True  # report attention knows where each token lies in the whole image (see FusionHead)
     text_min_stride: int = 4  # scales at least this coarse attend to the report (1: every scale, as in the paper)
+    subpixel: bool = False  # no full-resolution maps in the head: the image folded into 2x2 pixel blocks, 4 pixels
+    # per prediction (head epochs ~1.75x faster on CPU; MoNuSeg Val -0.02 Dice)
     precision: str = "auto"
     feature_channels: list[int] | None = None  # filled when the head is built
     backbone_fingerprint: str | None = None
@@ -168,7 +170,8 @@ class TextDiffModel(torch.nn.Module):
                 torch.manual_seed(seed)
             head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
                               config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
-                              upsample=list(spec.upsample), position=config.position).to(device)
+                              upsample=list(spec.upsample), position=config.position,
+                              subpixel=config.subpixel).to(device)
         return cls(config, features, encoder, head)
 
     @classmethod

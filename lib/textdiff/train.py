@@ -186,7 +186,7 @@ class FeatureCache:
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
             feats = model.features(batch)
             self.extractions += batch.shape[0]
-            features += [[f[k].to(self.dtype).cpu() for f in feats] for k in range(batch.shape[0])]
+            features += [[_channels_last(f[k].to(self.dtype).cpu()) for f in feats] for k in range(batch.shape[0])]
         del feats, batch
         self._extracted_since_trim += 1
         if self._extracted_since_trim >= TRIM_EVERY:
@@ -196,8 +196,10 @@ class FeatureCache:
 
     def _save_disk(self, key: str, features, starts, scaled) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"t{i}.f{b}": f for i, tile in enumerate(features) for b, f in enumerate(tile)}
-        meta = {"starts": json.dumps(starts), "scaled": json.dumps(scaled), "blocks": str(len(features[0]))}
+        tensors = {f"t{i}.f{b}": f.permute(1, 2, 0).contiguous() for i, tile in enumerate(features)
+                   for b, f in enumerate(tile)}
+        meta = {"starts": json.dumps(starts), "scaled": json.dumps(scaled), "blocks": str(len(features[0])),
+                "layout": "hwc"}
         _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
 
     def prune(self) -> int:
@@ -219,7 +221,10 @@ class FeatureCache:
             tensors, meta = map_safetensors(path)
             starts = [tuple(s) for s in json.loads(meta["starts"])]
             blocks = int(meta["blocks"])
-            features = [[tensors[f"t{i}.f{b}"] for b in range(blocks)] for i in range(len(starts))]
+            # files written before the "hwc" layout hold (C, h, w) maps: still right, batched a little slower
+            hwc = meta.get("layout") == "hwc"
+            features = [[tensors[f"t{i}.f{b}"].permute(2, 0, 1) if hwc else tensors[f"t{i}.f{b}"]
+                         for b in range(blocks)] for i in range(len(starts))]
         except Exception:  # a damaged or foreign cache file is recomputed, never trusted
             return None
         return features, starts, tuple(json.loads(meta["scaled"]))
@@ -271,6 +276,17 @@ def map_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                 else torch.empty(0, dtype=dtype))
         tensors[name] = flat.reshape(info["shape"])
     return tensors, meta
+
+
+def _channels_last(feature: torch.Tensor) -> torch.Tensor:
+    """A (C, h, w) map stored pixel by pixel ((h, w, C) in memory), so crops batch into channels-last maps."""
+    return feature.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def stack_windows(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(C, h, w) crops -> one (B, C, h, w) channels-last batch: the head's 1x1 maps of the wide cached features
+    run ~2x faster on it than on (B, C, h, w)-ordered memory (oneDNN), and from pixel-major crops the copy is plain."""
+    return torch.stack([m.permute(1, 2, 0) for m in maps]).permute(0, 3, 1, 2)
 
 
 def _covering_count(size_hw, window: int) -> int:
@@ -435,7 +451,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         head.train()
         losses = []
         for chunk in _epoch_batches(images, window, strides, config.batch_size, steps_per_epoch, rng):
-            feats = [torch.stack([w[0][k] for w in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
+            feats = [stack_windows([w[0][k] for w in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
             target = torch.stack([w[1] for w in chunk])[:, None].to(model.device)
             box = torch.tensor([w[3] for w in chunk])
             dihedral = None
