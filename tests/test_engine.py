@@ -471,6 +471,8 @@ def test_subpixel_head_has_no_full_resolution_map_and_turns_its_input_exactly():
     cl = [f.contiguous(memory_format=torch.channels_last) for f in feats]
     torch.testing.assert_close(head(cl, text, dihedral=(1, True)), head(feats, text, dihedral=(1, True)),
                                rtol=1e-4, atol=1e-5)
+    # nothing at full resolution to fold: the plain head, and the config says so
+    assert not FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 2], subpixel=True).subpixel
     # the plain head keeps its full-resolution stage
     assert FusionHead([12, 6, 3], text_dim=32, dim=16, strides=[4, 2, 1], upsample=[False, True, False]).fine == \
         [False, True, True]

@@ -172,6 +172,9 @@ class TextDiffModel(torch.nn.Module):
                               config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
                               upsample=list(spec.upsample), position=config.position,
                               subpixel=config.subpixel).to(device)
+        if config.subpixel and not head.subpixel:  # the config says what the head is, not what was asked
+            logger.warning("subpixel: these blocks give no full-resolution scale to fold; the head is the plain one")
+            config.subpixel = False
         return cls(config, features, encoder, head)
 
     @classmethod
