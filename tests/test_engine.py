@@ -195,6 +195,61 @@ def test_dihedral_augmentation_inside_the_head_equals_transforming_its_input():
         assert not torch.allclose(moved, head(feats, text), atol=1e-3)
 
 
+def test_group_norm_of_thin_channels_last_maps_equals_the_plain_one_forward_and_backward():
+    """The head runs a channels-last map with few channels per group through GroupNorm as NCHW (CPU speed): the
+    values, the gradients (input and affine) and the channels-last layout must be what plain GroupNorm gives."""
+    from textdiff.head import _norm
+
+    torch.manual_seed(0)
+    cl_format = torch.channels_last
+    for channels in (16, 64):  # 2 per group: relaid out; 8 per group: the plain kernel
+        norm, plain = _norm(channels), torch.nn.GroupNorm(8, channels)
+        with torch.no_grad():
+            norm.weight.normal_(), norm.bias.normal_()
+        plain.load_state_dict(norm.state_dict())
+        x = torch.randn(2, channels, 8, 8)
+        cl, nchw = x.contiguous(memory_format=cl_format).requires_grad_(), x.clone().requires_grad_()
+        y, reference = norm(cl), plain(nchw)
+        assert y.is_contiguous(memory_format=cl_format) and not y.is_contiguous()
+        torch.testing.assert_close(y, reference)
+        grad = torch.randn_like(reference)
+        y.backward(grad.contiguous(memory_format=cl_format))
+        reference.backward(grad)
+        assert cl.grad.is_contiguous(memory_format=cl_format)
+        torch.testing.assert_close(cl.grad, nchw.grad)
+        torch.testing.assert_close(norm.weight.grad, plain.weight.grad)
+        torch.testing.assert_close(norm.bias.grad, plain.bias.grad)
+
+
+def test_a_training_step_on_channels_last_features_equals_one_on_plain_features():
+    """Training batches are channels-last: the head's logits and every parameter's gradient must not depend on it."""
+    torch.manual_seed(0)
+    head = FusionHead([12, 6, 3], text_dim=32, dim=16, strides=[4, 2, 1], upsample=[False, True, False])
+    feats = [torch.randn(2, 12, 4, 4), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 16, 16)]
+    text = torch.randn(2, 5, 32)
+    grads = []
+    for batch in (feats, [f.contiguous(memory_format=torch.channels_last) for f in feats]):
+        head.zero_grad()
+        logits = head(batch, text, dihedral=(3, True))
+        (logits * torch.arange(logits.numel()).reshape(logits.shape).sin()).sum().backward()
+        grads.append([logits.detach()] + [p.grad.clone() for p in head.parameters()])
+    for plain, channels_last in zip(*grads):
+        torch.testing.assert_close(channels_last, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_rotate_flip_is_rot90_then_a_flip_keeps_the_layout_and_is_undone():
+    from textdiff.head import VARIANTS, rotate_flip, unrotate_flip
+
+    x = torch.randn(2, 3, 5, 7)
+    for turns, flip in VARIANTS + [(5, True), (-1, False)]:
+        expected = torch.rot90(x, turns, dims=(-2, -1))
+        expected = torch.flip(expected, dims=(-1,)) if flip else expected
+        assert torch.equal(rotate_flip(x, turns, flip), expected)
+        assert torch.equal(unrotate_flip(rotate_flip(x, turns, flip), turns, flip), x)
+        turned = rotate_flip(x.contiguous(memory_format=torch.channels_last), turns, flip)
+        assert torch.equal(turned, expected) and turned.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_report_attention_knows_where_the_window_lies_only_when_there_is_a_report():
     torch.manual_seed(0)
     head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1], position=True).eval()

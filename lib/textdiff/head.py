@@ -6,8 +6,40 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _ChannelsLastGroupNorm(torch.autograd.Function):
+    """GroupNorm of a channels-last map whose backward runs on NCHW copies. PyTorch's channels-last CPU backward
+    kernel vectorises over a group's channels: with 2 per group (the 16-channel full-resolution maps) it takes
+    ~10x the forward, while the copies, a recomputed NCHW forward and its backward take ~1/3 of it (with 4 per
+    group ~3/4; from 8 per group the channels-last kernel is the faster). Same values and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.groups, ctx.eps = groups, eps
+        return F.group_norm(x, groups, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().contiguous().requires_grad_()
+            weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            y = F.group_norm(x, ctx.groups, weight, bias, ctx.eps)
+            dx, dw, db = torch.autograd.grad(y, (x, weight, bias), grad.contiguous())
+        return dx.contiguous(memory_format=torch.channels_last), dw, db, None, None
+
+
+class _GroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() or x.is_contiguous() or self.num_channels // self.num_groups > 4
+                or not self.affine):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):  # as under autocast: it leaves group_norm's types alone
+            return _ChannelsLastGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
+    return _GroupNorm(min(8, channels), channels)
 
 
 class ReportCrossAttention(nn.Module):
@@ -144,6 +176,8 @@ class FusionHead(nn.Module):
                 if dihedral is not None:
                     feature = rotate_flip(feature, *dihedral)
                 x = self.project[i][0](F.pixel_unshuffle(feature, 2))
+            elif dihedral is not None and not self.upsample[i] and feature.shape[1] < self.project[i][0].out_channels:
+                x = self.project[i][0](rotate_flip(feature, *dihedral))  # the image: turn its 3 channels, not 16
             else:
                 x = self.project[i][0](feature)
                 if dihedral is not None:
@@ -214,9 +248,15 @@ VARIANTS = [(0, False), (0, True), (1, False), (1, True), (2, False), (2, True),
 
 
 def rotate_flip(x: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """``torch.rot90(x, turns)`` then a horizontal flip, as one flip and a transpose: rot90 and flip one after the
+    other copy the map up to 3 times, and a flip of the turned (transposed) channels-last map is ~15x slower."""
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
-    x = torch.flip(x, dims=(-1,)) if flip else x
+    turns %= 4
+    dims = {1: {-1}, 2: {-2, -1}, 3: {-2}}.get(turns, set())  # rot90 = these flips, then a transpose if odd
+    if flip:  # the turned map's last axis is the original's -2 when the turn transposed it
+        dims ^= {-2 if turns % 2 else -1}
+    x = torch.flip(x, dims=sorted(dims)) if dims else x
+    x = x.transpose(-2, -1) if turns % 2 else x
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
