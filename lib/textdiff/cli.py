@@ -48,7 +48,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="scales at least this coarse attend to the report (default 4; 1 = every scale, as in the paper)")
     p.add_argument("--subpixel", action=argparse.BooleanOptionalAction, default=None,
                    help="a head without full-resolution maps (the image folded into 2x2 blocks, 4 pixels per "
-                        "prediction): ~1.6x faster head epochs on CPU, ~0.01 lower Dice on MoNuSeg's small nuclei "
+                        "prediction): ~1.2x faster head epochs on CPU, ~0.01 lower Dice on MoNuSeg's small nuclei "
                         "(default: off, a full-resolution last stage)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help=PRECISION_HELP)

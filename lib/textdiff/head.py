@@ -118,8 +118,8 @@ class FusionHead(nn.Module):
         strides = [s // 2 if up else s for s, up in zip(strides, self.upsample)]  # where each scale joins
         # subpixel: nothing runs at full resolution. A full-resolution input is folded into 2x2 pixel blocks
         # (space-to-depth), an upsampler's input joins at its own resolution, and the classifier predicts each
-        # block's 4 pixels. On CPU the 16-channel full-resolution maps are memory-bound: most of a training step
-        # (~1.6x faster head epochs; MoNuSeg Val -0.01 Dice, so it is an option: README).
+        # block's 4 pixels. On CPU the 16-channel full-resolution maps are memory-bound, about half of a training
+        # step (~1.2x faster head epochs; MoNuSeg Val -0.01 Dice, so it is an option: README).
         self.subpixel = subpixel and 1 in strides and max(strides) > 1
         self.fold = [self.subpixel and s == 1 and not up for s, up in zip(strides, self.upsample)]
         if self.subpixel:

@@ -65,7 +65,7 @@ class ModelConfig:
     position: bool = True  # report attention knows where each token lies in the whole image (see FusionHead)
     text_min_stride: int = 4  # scales at least this coarse attend to the report (1: every scale, as in the paper)
     subpixel: bool = False  # no full-resolution maps in the head: the image folded into 2x2 pixel blocks, 4 pixels
-    # per prediction (head epochs ~1.6x faster on CPU; MoNuSeg Val -0.01 Dice)
+    # per prediction (head epochs ~1.2x faster on CPU; MoNuSeg Val -0.01 Dice)
     precision: str = "auto"
     feature_channels: list[int] | None = None  # filled when the head is built
     backbone_fingerprint: str | None = None
