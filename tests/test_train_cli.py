@@ -396,3 +396,16 @@ def test_cli_train_under_torchrun_with_two_cpu_processes(lvit_folder, tiny_unet_
     summary = json.loads((out / "training.json").read_text())
     assert summary["world_size"] == 2 and summary["resumed_at_epoch"] > 1 and summary["epochs_run"] == 8
     assert not (out / TRAIN_STATE_NAME).exists()
+
+
+def test_benchmark_reference_loop_times_its_steps_after_one_untimed_warm_up_step(tiny_model, lvit_folder,
+                                                                                 monkeypatch):
+    import textdiff.benchmark as benchmark
+    from textdiff.data import read_lvit
+
+    forwards = []
+    naive = benchmark.naive_features
+    monkeypatch.setattr(benchmark, "naive_features", lambda *a, **k: forwards.append(1) or naive(*a, **k))
+    samples = read_lvit(lvit_folder)
+    assert benchmark._reference_train_steps(tiny_model, samples, 2) > 0
+    assert len(forwards) == 3  # the warm-up step, then the 2 timed ones
