@@ -6,9 +6,9 @@
 - train: the reference few-shot loop (features re-extracted every epoch, batch 1, fp32) against ``train()``
   (cached fp16 features, batches, bf16 head) for the same epochs and images. Every epoch of either loop repeats the
   same work, so both are measured on part of the run and totalled for ``epochs``: the reference loop on
-  ``reference_steps`` steps after an untimed warm-up step; the fast path runs ``measured_epochs`` epochs for real (feature extraction included,
-  in a child process whose peak RSS is reported) and adds its mean epoch time for the remaining epochs. The ratio
-  over the measured epochs alone is reported too.
+  ``reference_steps`` steps after an untimed warm-up step; the fast path runs ``measured_epochs`` epochs for real
+  (feature extraction included, in a child process whose peak RSS is reported) and adds its mean epoch time for
+  the remaining epochs. The ratio over the measured epochs alone is reported too.
 - infer: median wall time of REST ``POST /infer`` of one 1000x1000 H&E tile on a warm in-process server.
 - adm (only when asked, ``--adm``): 256x256 windows per second of the engine's extraction on the full ADM-256
   layout (the paper's backbone, random weights built from the converter's config: no checkpoint needed) with the

@@ -30,11 +30,13 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
 
 
 class _GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm; on CPU, training on a channels-last map with few channels per group, the backward above."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.is_grad_enabled() or x.is_contiguous() or self.num_channels // self.num_groups > 4
-                or not self.affine):
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or x.is_contiguous() or not self.affine
+                or self.num_channels // self.num_groups > 4):
             return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):  # as under autocast: it leaves group_norm's types alone
+        with torch.autocast("cpu", enabled=False):  # CPU autocast leaves group_norm's types alone as well
             return _ChannelsLastGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.eps)
 
 
