@@ -409,3 +409,9 @@ def test_benchmark_reference_loop_times_its_steps_after_one_untimed_warm_up_step
     samples = read_lvit(lvit_folder)
     assert benchmark._reference_train_steps(tiny_model, samples, 2) > 0
     assert len(forwards) == 3  # the warm-up step, then the 2 timed ones
+
+
+def test_benchmark_refuses_counts_that_would_time_nothing_before_loading_anything(lvit_folder, capsys):
+    for option in (["--reference-steps", "0"], ["--measured-epochs", "0"], ["--epochs", "2"]):
+        assert main(["benchmark", "--data", str(lvit_folder.parent), *option]) == 2
+        assert "reference steps >= 1 and epochs >= measured epochs" in capsys.readouterr().err

@@ -295,6 +295,10 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
         adm: bool = False) -> dict:
     if not (data / "Train_Folder").is_dir():
         raise FileNotFoundError(f"benchmark data not found: {data} (MoNuSeg LViT folders)")
+    counts = {"windows": windows, "measured epochs": measured_epochs, "reference steps": reference_steps}
+    if min(counts.values()) < 1 or epochs < measured_epochs:
+        raise ValueError(f"need windows, measured epochs and reference steps >= 1 and epochs >= measured epochs, "
+                         f"got {counts} and {epochs} epochs")
     torch.manual_seed(0)
     # the served model's recipe (blocks, steps, scale, head), with a fresh head on the chosen backbone
     recipe = json.loads((resolve_model_dir(model_dir) / CONFIG_NAME).read_text())

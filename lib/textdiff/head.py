@@ -174,16 +174,15 @@ class FusionHead(nn.Module):
         for i, feature in enumerate(features):
             if not torch.is_autocast_enabled(feature.device.type):  # under autocast the conv casts (once)
                 feature = feature.to(self.project[i][0].weight.dtype)
-            if self.fold[i]:  # turn the pixels, then fold them (turning the blocks would not turn within them)
-                if dihedral is not None:
-                    feature = rotate_flip(feature, *dihedral)
-                x = self.project[i][0](F.pixel_unshuffle(feature, 2))
-            elif dihedral is not None and not self.upsample[i] and feature.shape[1] < self.project[i][0].out_channels:
-                x = self.project[i][0](rotate_flip(feature, *dihedral))  # the image: turn its 3 channels, not 16
-            else:
-                x = self.project[i][0](feature)
-                if dihedral is not None:
-                    x = rotate_flip(x, *dihedral)
+            # turn the input rather than the 1x1 map's output when folding (turning the blocks would not turn
+            # within them) or when it is the narrower of the two (the image: 3 channels, not 16)
+            turn_input = dihedral is not None and (self.fold[i] or (
+                not self.upsample[i] and feature.shape[1] < self.project[i][0].out_channels))
+            if turn_input:
+                feature = rotate_flip(feature, *dihedral)
+            x = self.project[i][0](F.pixel_unshuffle(feature, 2) if self.fold[i] else feature)
+            if dihedral is not None and not turn_input:
+                x = rotate_flip(x, *dihedral)
             x = self.project[i][1:](x)
             if self.attends[i] and self.use_text and text is not None:
                 if mask is None:
