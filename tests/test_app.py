@@ -162,3 +162,10 @@ def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_di
     assert head.features.fingerprint() == served.features.fingerprint()
     served, head = new_head(backbone="new")
     assert head.config.backbone == "new" and head.features.fingerprint() != served.features.fingerprint()
+    # the head's recipe follows the initial model unless --conf says otherwise
+    assert not served.config.subpixel and not head.config.subpixel and not head.head.subpixel
+    served, head = new_head(subpixel="true", scale="0.25")
+    assert head.config.subpixel and head.head.subpixel and head.config.scale == 0.25
+    assert not served.config.subpixel and served.config.scale != 0.25
+    with pytest.raises(ValueError, match="subpixel 'maybe': expected true/false"):
+        new_head(subpixel="maybe")

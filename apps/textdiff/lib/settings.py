@@ -30,6 +30,7 @@ class AppSettings:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     epochs: int = 50
     scale: float | None = None  # working scale of new heads; None = the initial model's
+    subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
     max_image_pixels: int = MAX_PIXELS
     max_report_chars: int = 4000
     val_fraction: float = 0.2  # held out for model selection once there are >= 3 labels
@@ -40,6 +41,7 @@ class AppSettings:
         "model_dir": ("model_dir", Path), "model": ("initial_model", str), "backbone": ("backbone", str),
         "text_encoder": ("text_encoder", str), "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
+        "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
         "test_time_variants": ("test_time_variants", lambda s: check_test_time_variants(int(s))),

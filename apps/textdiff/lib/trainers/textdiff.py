@@ -48,6 +48,8 @@ class TextDiffTrain(TrainTask):
             changes |= dict(backbone=backbone, blocks=None, backbone_fingerprint=None)  # another UNet: its own blocks
         if self.settings.scale is not None:
             changes["scale"] = self.settings.scale
+        if self.settings.subpixel is not None:
+            changes["subpixel"] = self.settings.subpixel
         return dataclasses.replace(config, **changes)
 
     def __call__(self, request, datastore):
