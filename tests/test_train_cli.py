@@ -81,6 +81,35 @@ def test_cache_folder_is_pruned_least_recently_used_first(tiny_model, lvit_folde
     assert [p.name for p in folder.glob("*.safetensors")] == ["head-25233be246e1.safetensors"]
 
 
+def test_building_a_model_lets_large_blocks_come_from_the_reused_heap(tiny_model, monkeypatch):
+    """After a model is built, a 64 MB tensor comes from glibc's heap, not from a fresh mmap (which glibc's
+    defaults use for any block above 32 MB); a user's own MALLOC_ settings are left alone."""
+    import ctypes
+
+    import torch
+
+    from textdiff import heap
+
+    libc = heap._libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc.mallinfo2.restype = Mallinfo2
+    mapped_before = libc.mallinfo2().hblkhd
+    block = torch.empty(64 << 20, dtype=torch.uint8)
+    assert libc.mallinfo2().hblkhd - mapped_before < 64 << 20
+    del block
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert heap.reuse_freed_heap() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert heap.reuse_freed_heap() is True
+
+
 def test_heap_is_trimmed_every_few_extracted_images(tiny_model, lvit_folder, monkeypatch):
     import textdiff.train as train_module
 

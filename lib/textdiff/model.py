@@ -24,6 +24,7 @@ from . import preprocess
 from .backbone import (DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, _autocast, load_unet,
                        resolve_precision, shipped_backbones)
 from .data import Image
+from .heap import reuse_freed_heap
 from .head import VARIANTS, FusionHead, rotate_flip, unrotate_flip
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
 
@@ -135,6 +136,7 @@ class TextDiffModel(torch.nn.Module):
         """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given.
         ``seed``: the head's initialisation (else the global RNG's state, which depends on what ran before)."""
         device = torch.device(device or default_device())
+        reuse_freed_heap()  # every model does tens of multi-MB allocations per forward (heap.py)
 
         def features_of(backbone) -> DiffusionFeatures:
             return DiffusionFeatures(backbone, config.blocks, config.steps, config.noise_seed, config.precision,

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import distributed, preprocess
+from .heap import release_free_heap
 from .data import Sample, read_image, read_mask
 from .head import VARIANTS, rotate_flip
 from .metrics import dice_iou
@@ -91,24 +92,6 @@ def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
 
 
 TRIM_EVERY = 16  # images extracted between heap trims: <= ~0.3 GB of growth, ~0.3 % of the extraction time
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
-
-    glibc raises its mmap threshold each time a large block is freed, after which multi-MB feature maps come from
-    the heap, and freed ones stay with the process: extracting 1700 chest X-rays grew it by ~14 MB of anonymous
-    memory per image until the kernel killed it at 24 GB. Trimming keeps it flat; it costs the next extraction
-    ~5 % (fresh pages), so callers trim every few images (a fixed 1 MB mmap threshold also kept memory flat, but
-    made every backbone forward ~35 % slower)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 class FeatureCache:
