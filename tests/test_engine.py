@@ -195,19 +195,20 @@ def test_dihedral_augmentation_inside_the_head_equals_transforming_its_input():
         assert not torch.allclose(moved, head(feats, text), atol=1e-3)
 
 
-def test_group_norm_of_thin_channels_last_maps_equals_the_plain_one_forward_and_backward():
-    """The head runs a channels-last map with few channels per group through GroupNorm as NCHW (CPU speed): the
-    values, the gradients (input and affine) and the channels-last layout must be what plain GroupNorm gives."""
+def test_group_norm_of_channels_last_maps_equals_the_plain_one_forward_and_backward():
+    """The head's GroupNorm has its own backward for channels-last maps (CPU speed): the values, the gradients
+    (input and affine) and the channels-last layout must be what plain GroupNorm gives; in bf16 its gradients must
+    be as close to the fp32 ones as PyTorch's own bf16 kernel's are."""
     from textdiff.head import _norm
 
     torch.manual_seed(0)
     cl_format = torch.channels_last
-    for channels in (16, 64):  # 2 per group: relaid out; 8 per group: the plain kernel
+    for channels in (16, 64):  # 2 and 8 channels per group
         norm, plain = _norm(channels), torch.nn.GroupNorm(8, channels)
         with torch.no_grad():
             norm.weight.normal_(), norm.bias.normal_()
         plain.load_state_dict(norm.state_dict())
-        x = torch.randn(2, channels, 8, 8)
+        x = torch.randn(2, channels, 8, 8) * 2 + 0.5
         cl, nchw = x.contiguous(memory_format=cl_format).requires_grad_(), x.clone().requires_grad_()
         y, reference = norm(cl), plain(nchw)
         assert y.is_contiguous(memory_format=cl_format) and not y.is_contiguous()
@@ -219,6 +220,14 @@ def test_group_norm_of_thin_channels_last_maps_equals_the_plain_one_forward_and_
         torch.testing.assert_close(cl.grad, nchw.grad)
         torch.testing.assert_close(norm.weight.grad, plain.weight.grad)
         torch.testing.assert_close(norm.bias.grad, plain.bias.grad)
+
+        def bf16_input_grad(module):
+            x16 = x.to(torch.bfloat16).contiguous(memory_format=cl_format).requires_grad_()
+            module(x16).backward(grad.to(torch.bfloat16).contiguous(memory_format=cl_format))
+            return x16.grad.float()
+
+        ours, pytorch = bf16_input_grad(norm), bf16_input_grad(plain)  # plain: PyTorch's channels-last kernel
+        assert (ours - nchw.grad).abs().max() <= 2 * (pytorch - nchw.grad).abs().max()
 
 
 def test_a_training_step_on_channels_last_features_equals_one_on_plain_features():
