@@ -169,6 +169,30 @@ def test_text_changes_output_and_no_text_switch_removes_it():
     torch.testing.assert_close(head(feats, text_a, empty), head(feats, None))
 
 
+def test_a_batch_with_some_reports_missing_equals_each_sample_alone_and_trains_every_parameter():
+    """Samples without a report skip the report attention (text dropout drops half of them in training): a mixed
+    batch must give each sample what it gets alone, in channels-last layout, and a batch without any report must
+    still give every attention parameter a (zero) gradient, as DistributedDataParallel requires."""
+    torch.manual_seed(0)
+    head = FusionHead([12, 6], text_dim=32, dim=16, strides=[4, 1], position=True)
+    feats = [f.repeat(2, 1, 1, 1).contiguous(memory_format=torch.channels_last) for f in _features()]  # 4 samples
+    text = torch.randn(4, 5, 32)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[[1, 2]] = False  # samples 1 and 2 have no report
+    box = torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]])
+    mixed = head(feats, text, mask, dihedral=(1, True), box=box)
+    for k in range(4):
+        alone = head([f[k:k + 1] for f in feats], text[k:k + 1], mask[k:k + 1], dihedral=(1, True), box=box[k:k + 1])
+        torch.testing.assert_close(mixed[k:k + 1], alone)
+    attention = head.fuse_text[0]
+    projected = head.project[0](feats[0])
+    assert attention(projected, text, mask, torch.rand(4, 2, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+    head.zero_grad()
+    head(feats, text, torch.zeros(4, 5, dtype=torch.bool), box=box).sum().backward()
+    grads = [p.grad for p in attention.parameters()]
+    assert all(g is not None for g in grads) and all(float(g.abs().sum()) == 0 for g in grads)
+
+
 def test_text_min_stride_selects_the_scales_that_attend():
     feats = _features()
     text_a, text_b = torch.randn(2, 5, 32), torch.randn(2, 5, 32)

@@ -88,28 +88,34 @@ class ReportCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
                 grid: torch.Tensor | None = None) -> torch.Tensor:
-        """``grid`` (B, 2, h, w): each token's (y, x) in the whole image, 0..1 (needed when built with position)."""
+        """``grid`` (B, 2, h, w): each token's (y, x) in the whole image, 0..1 (needed when built with position).
+        A sample without a report (an all-False ``mask`` row) skips the block: its map passes unchanged."""
+        has_text = mask.any(dim=1)
+        if bool(has_text.all()):
+            return self._attend(x, text, mask, grid)
+        # Training drops half the reports (text dropout): attending for those samples only to discard the result
+        # was about half of this block's time. The subset may be empty; the block then runs on no samples, which
+        # keeps its parameters in the graph (DistributedDataParallel expects every one to get a gradient).
+        index = has_text.nonzero().squeeze(1)
+        part = self._attend(x[index], text[index], mask[index], None if grid is None else grid[index])
+        return x.clone().index_copy_(0, index, part.to(x.dtype))  # out-of-place index_copy drops channels-last
+
+    def _attend(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, grid: torch.Tensor | None):
         b, c, h, w = x.shape
         heads, d = self.heads, c // self.heads
+        pixels, length = h * w, text.shape[1]  # explicit sizes: b may be 0
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         queries = self.norm_q(tokens)
         if self.position is not None:  # position steers what a token asks of the report, nothing else
             queries = queries + self.position(_fourier(grid.flatten(2).transpose(1, 2)).to(queries.dtype))
-        q = self.to_q(queries).reshape(b, -1, heads, d).transpose(1, 2)  # (B, h, N, d)
-        k, v = self.to_kv(text).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
-        has_text = mask.any(dim=1)
-        # A sample without a report gets one dummy key (no NaN from an all-masked softmax) and its update is
-        # zeroed, so it takes exactly the no-text path (the block is skipped).
-        keep = mask.clone()
-        keep[~has_text, 0] = True
-        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+        q = self.to_q(queries).reshape(b, pixels, heads, d).transpose(1, 2)  # (B, h, N, d)
+        k, v = self.to_kv(text).reshape(b, length, 2, heads, d).permute(2, 0, 3, 1, 4)  # (B, h, L, d) each
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         scores = (q @ k.transpose(-1, -2)) * d ** -0.5 + bias[:, None, None, :]
-        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, -1, c)
+        attended = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, pixels, c)
         fused = tokens + self.to_out(attended)
         fused = fused + self.ff(self.norm_ff(fused))
-        gate = has_text[:, None, None].to(fused.dtype)
-        tokens = gate * fused + (1 - gate) * tokens
-        return tokens.transpose(1, 2).reshape(b, c, h, w)
+        return fused.transpose(1, 2).reshape(b, c, h, w)
 
 
 class FusionHead(nn.Module):
