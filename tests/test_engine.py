@@ -219,6 +219,23 @@ def test_dihedral_augmentation_inside_the_head_equals_transforming_its_input():
         assert not torch.allclose(moved, head(feats, text), atol=1e-3)
 
 
+def test_turning_inside_a_positional_head_equals_features_of_the_turned_image_mapped_back():
+    """The training augmentation (features turned inside the head, the position grid with them) gives what features
+    of the turned image give when their positions map back through ``variants``: every token keeps its place in
+    the original image, at every scale (coarse, upsampled, the image)."""
+    from textdiff.head import rotate_flip
+
+    torch.manual_seed(0)
+    head = FusionHead([40, 24, 6, 3], text_dim=32, dim=16, strides=[8, 4, 2, 1],
+                      upsample=[False, False, True, False], position=True).eval()
+    feats = [torch.randn(2, 40, 2, 2), torch.randn(2, 24, 4, 4), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 16, 16)]
+    text = torch.randn(2, 5, 32)
+    for turns, flip in ((1, False), (2, True), (3, True)):
+        moved = head([rotate_flip(f, turns, flip) for f in feats], text, variants=[(turns, flip)] * 2)
+        torch.testing.assert_close(head(feats, text, dihedral=(turns, flip)), moved, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(moved, head(feats, text), atol=1e-3)
+
+
 def test_group_norm_of_channels_last_maps_equals_the_plain_one_forward_and_backward():
     """The head's GroupNorm has its own backward for channels-last maps (CPU speed): the values, the gradients
     (input and affine) and the channels-last layout must be what plain GroupNorm gives; in bf16 its gradients must
