@@ -1,6 +1,7 @@
 """Behaviour of the engine with tiny models: features, head, tiling, cache, I/O."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from support import SHARED, need_shared, tiny_unet_model
 from textdiff.backbone import DiffusionFeatures, decoder_units, default_blocks, load_unet, naive_features, BackboneLoadError
 from textdiff.data import normalize_mask, read_image, read_lvit, read_mask, write_label
+from textdiff import fused
 from textdiff.head import FusionHead
 from textdiff.text import ReportEncoder, clean_report
 
@@ -240,15 +242,16 @@ def test_group_norm_of_channels_last_maps_equals_the_plain_one_forward_and_backw
     """The head's GroupNorm has its own backward for channels-last maps (CPU speed): the values, the gradients
     (input and affine) and the channels-last layout must be what plain GroupNorm gives; in bf16 its gradients must
     be as close to the fp32 ones as PyTorch's own bf16 kernel's are."""
-    from textdiff.head import _norm
+    from textdiff.head import _group_norm
 
     torch.manual_seed(0)
     cl_format = torch.channels_last
     for channels in (16, 64):  # 2 and 8 channels per group
-        norm, plain = _norm(channels), torch.nn.GroupNorm(8, channels)
+        plain = torch.nn.GroupNorm(8, channels)
         with torch.no_grad():
-            norm.weight.normal_(), norm.bias.normal_()
-        plain.load_state_dict(norm.state_dict())
+            plain.weight.normal_(), plain.bias.normal_()
+        norm = copy.deepcopy(plain)
+        norm.forward = lambda t, m=norm: _group_norm(t, 8, m.weight, m.bias, m.eps)
         x = torch.randn(2, channels, 8, 8) * 2 + 0.5
         cl, nchw = x.contiguous(memory_format=cl_format).requires_grad_(), x.clone().requires_grad_()
         y, reference = norm(cl), plain(nchw)
@@ -269,6 +272,72 @@ def test_group_norm_of_channels_last_maps_equals_the_plain_one_forward_and_backw
 
         ours, pytorch = bf16_input_grad(norm), bf16_input_grad(plain)  # plain: PyTorch's channels-last kernel
         assert (ours - nchw.grad).abs().max() <= 2 * (pytorch - nchw.grad).abs().max()
+
+
+def _bf16_group_norm_gelu_step(module, x, grad):
+    """(output, input grad, weight grad, bias grad) of module on a bf16 channels-last copy of x, all as fp32."""
+    module.zero_grad()
+    x16 = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = module(x16)
+    y.backward(grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and x16.grad.is_contiguous(
+        memory_format=torch.channels_last)
+    return [y.float(), x16.grad.float(), module.weight.grad.clone(), module.bias.grad.clone()]
+
+
+@pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
+def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch_in_bf16(monkeypatch):
+    """The head's GroupNorm + GELU pairs run as one C kernel in bf16 CPU training (textdiff/fused.py). It builds
+    wherever a C compiler is, and its values and gradients (input, weight, bias) must be at least as close to fp32
+    PyTorch as PyTorch's own bf16 ops are -- for the head's widths, odd sizes and single samples."""
+    from textdiff.head import _norm_gelu
+
+    assert fused.library() is not None, "the kernel did not build"
+    torch.manual_seed(0)
+    for n, channels, h, w in ((4, 16, 32, 32), (3, 64, 7, 9), (1, 32, 16, 16)):
+        module = _norm_gelu(channels)
+        with torch.no_grad():
+            module.weight.normal_(1, 0.5), module.bias.normal_(0, 0.5)
+        x = torch.randn(n, channels, h, w) * 2 + 0.5
+        grad = torch.randn(n, channels, h, w)
+        assert fused.applies(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), module.weight)
+        x32 = x.clone().requires_grad_()
+        reference = torch.nn.functional.gelu(torch.nn.functional.group_norm(x32, module.num_groups, module.weight,
+                                                                             module.bias, module.eps))
+        module.zero_grad()
+        reference.backward(grad)
+        exact = [reference.detach(), x32.grad, module.weight.grad.clone(), module.bias.grad.clone()]
+        kernel = _bf16_group_norm_gelu_step(module, x, grad)
+        with monkeypatch.context() as patch:  # the same module on PyTorch's ops
+            patch.setattr(fused, "library", lambda: None)
+            pytorch = _bf16_group_norm_gelu_step(module, x, grad)
+        for ours, theirs, truth, name in zip(kernel, pytorch, exact, ("output", "input grad", "weight", "bias")):
+            error, bound = (ours - truth).abs().max(), (theirs - truth).abs().max()
+            assert error <= bound * 1.5 + 1e-6, (n, channels, name, float(error), float(bound))
+            assert error < 0.05 * truth.abs().max(), (n, channels, name)  # and close in absolute terms
+
+
+def test_fused_kernel_that_cannot_build_leaves_pytorch_ops_in_place(monkeypatch, tmp_path):
+    """No compiler (or a broken one): a clear error from build(), a warning and None from library(), and the head
+    still trains (on PyTorch's ops)."""
+    from textdiff.head import _norm_gelu
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TEXTDIFF_NATIVE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises((RuntimeError, OSError)):
+        fused.build()
+    fused.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="kernel unavailable"):
+            assert fused.library() is None
+        module = _norm_gelu(16)
+        x = torch.randn(2, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert not fused.applies(x, module.weight)
+        x.requires_grad_()
+        module(x).float().sum().backward()
+        assert x.grad is not None and module.weight.grad is not None
+    finally:
+        fused.library.cache_clear()  # the next caller builds (or finds) the real kernel again
 
 
 def test_a_training_step_on_channels_last_features_equals_one_on_plain_features():

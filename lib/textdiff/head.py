@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
     """GroupNorm of a channels-last map with a backward written as a few vectorised passes over the pixel-major
@@ -57,13 +59,21 @@ def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.
         return _ChannelsLastGroupNorm.apply(x, weight, bias, groups, eps)
 
 
-class _GroupNorm(nn.GroupNorm):
+class _GroupNormGELU(nn.GroupNorm):
+    """GroupNorm then GELU, one module so that bf16 CPU training runs the pair as one kernel (fused.py)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if fused.applies(x, self.weight):
+            return fused.group_norm_gelu(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.gelu(_group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return _GroupNorm(min(8, channels), channels)
+def _norm_gelu(channels: int) -> nn.Module:
+    return _GroupNormGELU(min(8, channels), channels)
+
+
+# Where a GroupNorm + GELU pair was two modules, an nn.Identity now holds the GELU's place: it keeps the numbering of
+# the modules after it, which is how saved heads name their weights.
 
 
 class ReportCrossAttention(nn.Module):
@@ -161,8 +171,8 @@ class FusionHead(nn.Module):
             self.fine = [False] * len(strides)
         dims = [fine_dim if f else dim for f in self.fine]
         self.project = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, 4 * d, 1), nn.PixelShuffle(2), _norm(d), nn.GELU()) if up else
-            nn.Sequential(nn.Conv2d(c, d, 1), _norm(d), nn.GELU())
+            nn.Sequential(nn.Conv2d(c, 4 * d, 1), nn.PixelShuffle(2), _norm_gelu(d)) if up else
+            nn.Sequential(nn.Conv2d(c, d, 1), _norm_gelu(d))
             for c, d, up in zip(in_channels, dims, self.upsample))
         self.fuse_text = nn.ModuleList(
             ReportCrossAttention(d, text_dim, max(1, min(heads, d // 16)), position) if s >= text_min_stride
@@ -172,12 +182,12 @@ class FusionHead(nn.Module):
         # one linear map per scale into the fused width (a 1x1 conv of the concatenation, split per scale)
         self.to_fused = nn.ModuleList(
             nn.Conv2d(d, fine_dim if f else fuse_dim, 1, bias=False) for d, f in zip(dims, self.fine))
-        self.coarse = nn.Sequential(_norm(fuse_dim), nn.GELU(), nn.Conv2d(fuse_dim, fuse_dim, 3, padding=1),
-                                    _norm(fuse_dim), nn.GELU())
+        self.coarse = nn.Sequential(_norm_gelu(fuse_dim), nn.Identity(),
+                                    nn.Conv2d(fuse_dim, fuse_dim, 3, padding=1), _norm_gelu(fuse_dim))
         if any(self.fine):
             self.coarse_to_fine = nn.Conv2d(fuse_dim, fine_dim, 1)
-            self.refine = nn.Sequential(_norm(fine_dim), nn.GELU(), nn.Conv2d(fine_dim, fine_dim, 3, padding=1),
-                                        _norm(fine_dim), nn.GELU())
+            self.refine = nn.Sequential(_norm_gelu(fine_dim), nn.Identity(),
+                                        nn.Conv2d(fine_dim, fine_dim, 3, padding=1), _norm_gelu(fine_dim))
             out_dim = fine_dim
         else:
             self.coarse_to_fine = self.refine = None

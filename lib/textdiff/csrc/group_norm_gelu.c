@@ -1,0 +1,170 @@
+/* GroupNorm followed by GELU on a channels-last bf16 map, forward and backward, for the head's CPU training.
+ *
+ * PyTorch runs the pair as ~14 passes over memory per training step (GroupNorm's statistics and affine, GELU, and
+ * their backwards: GELU's, then GroupNorm's); this is 2 passes forward and 2 backward, with the GELU derivative
+ * computed in the pass that needs it. Built by textdiff/fused.py with the compiler at hand and loaded with ctypes;
+ * OpenMP is the one PyTorch already loaded (same soname), so both share one thread pool.
+ *
+ * Layout: x is (N, P, C) in memory (P pixels, channels innermost), bf16 as raw 16-bit words; scale/shift/a/b/k are
+ * (N, C) fp32: GroupNorm's affine folded per sample and channel, y = x * scale + shift. Sums accumulate in fp32 over
+ * blocks of pixels and in double across blocks and threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t u; float f; } bits = {(uint32_t)v << 16};
+    return bits.f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    union { float f; uint32_t u; } bits = {f};
+    uint32_t u = bits.u;
+    uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    rounded = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : rounded;
+    return (uint16_t)(rounded >> 16);
+}
+
+/* erf(x) as x * p(x^2) / q(x^2) on [-4, 4] (|erf| rounds to 1 beyond; error ~1e-7): branch-free, so it vectorises
+ * without a vector math library (and without -ffast-math, whose
+ * start-up code would change the whole process's floating-point mode). */
+static inline float erf_approx(float x) {
+    x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
+    float x2 = x * x;
+    float p = -2.72614225801306e-10f;
+    p = p * x2 + 2.77068142495902e-08f;
+    p = p * x2 + -2.10102402082508e-06f;
+    p = p * x2 + -5.69250639462346e-05f;
+    p = p * x2 + -7.34990630326855e-04f;
+    p = p * x2 + -2.95459980854025e-03f;
+    p = p * x2 + -1.60960333262415e-02f;
+    float q = -1.45660718464996e-05f;
+    q = q * x2 + -2.13374055278905e-04f;
+    q = q * x2 + -1.68282697438203e-03f;
+    q = q * x2 + -7.37332916720468e-03f;
+    q = q * x2 + -1.42647390514189e-02f;
+    return x * p / q;
+}
+
+/* e^x for -18 <= x <= 0 (clamped below: e^-18 is noise beside GELU's other term), as (e^(x/32))^32 with a
+ * degree-8 Taylor polynomial (relative error ~1e-6): no float <-> int conversions, which keep GCC from vectorising. */
+static inline float exp_nonpositive(float x) {
+    x = (x < -18.0f ? -18.0f : x) * (1.0f / 32.0f);
+    float p = 1.0f / 40320.0f;
+    p = p * x + 1.0f / 5040.0f;
+    p = p * x + 1.0f / 720.0f;
+    p = p * x + 1.0f / 120.0f;
+    p = p * x + 1.0f / 24.0f;
+    p = p * x + 1.0f / 6.0f;
+    p = p * x + 0.5f;
+    p = p * x + 1.0f;
+    p = p * x + 1.0f;
+    p *= p;
+    p *= p;
+    p *= p;
+    p *= p;
+    return p * p;
+}
+
+static inline float gelu(float y) { return 0.5f * y * (1.0f + erf_approx(y * 0.70710678118654752f)); }
+
+static inline float gelu_grad(float y) {
+    return 0.5f * (1.0f + erf_approx(y * 0.70710678118654752f)) + y * 0.39894228040143268f * exp_nonpositive(-0.5f * y * y);
+}
+
+#define BLOCK 256
+#define INLINE static inline __attribute__((always_inline))
+
+/* Per sample and channel, sums over all pixels of a pixel-wise (x, dy) -> (u, v): out[n][0][c] = sum u, out[n][1][c] =
+ * sum v. The body is a macro so that each use is its own loop, vectorised along channels. */
+#define PIXEL_SUMS(BODY)                                                                                           \
+    memset(out, 0, sizeof(double) * N * 2 * C);                                                                   \
+    int64_t blocks = (P + BLOCK - 1) / BLOCK;                                                                     \
+    _Pragma("omp parallel") {                                                                                     \
+        double *acc = calloc(N * 2 * C, sizeof(double));                                                          \
+        float *s = malloc(sizeof(float) * C), *q = malloc(sizeof(float) * C);                                     \
+        _Pragma("omp for schedule(static)") for (int64_t t = 0; t < N * blocks; t++) {                           \
+            int64_t n = t / blocks, begin = (t % blocks) * BLOCK, end = begin + BLOCK < P ? begin + BLOCK : P;    \
+            for (int64_t c = 0; c < C; c++) s[c] = q[c] = 0.0f;                                                  \
+            for (int64_t p = begin; p < end; p++) {                                                               \
+                int64_t at = (n * P + p) * C;                                                                     \
+                _Pragma("omp simd") for (int64_t c = 0; c < C; c++) { BODY }                                     \
+            }                                                                                                     \
+            for (int64_t c = 0; c < C; c++) {                                                                     \
+                acc[n * 2 * C + c] += s[c];                                                                       \
+                acc[n * 2 * C + C + c] += q[c];                                                                   \
+            }                                                                                                     \
+        }                                                                                                         \
+        _Pragma("omp critical") for (int64_t i = 0; i < N * 2 * C; i++) out[i] += acc[i];                        \
+        free(acc);                                                                                                \
+        free(s);                                                                                                  \
+        free(q);                                                                                                  \
+    }
+
+/* sums of x and x^2 (GroupNorm's statistics) */
+INLINE void moments(const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
+    PIXEL_SUMS(float v = bf16_to_float(x[at + c]); s[c] += v; q[c] += v * v;)
+}
+
+/* dy = gz * gelu'(y), the gradient at GroupNorm's output (bf16, as PyTorch's GELU backward gives it), and the sums
+ * of dy * x and dy that GroupNorm's backward needs */
+INLINE void backward_sums(const uint16_t *x, const uint16_t *gz, const float *scale, const float *shift, int64_t N,
+                          int64_t P, int64_t C, uint16_t *dy, double *out) {
+    PIXEL_SUMS(
+        const float *a = scale + n * C; const float *b = shift + n * C;
+        float v = bf16_to_float(x[at + c]);
+        uint16_t d16 = float_to_bf16(bf16_to_float(gz[at + c]) * gelu_grad(v * a[c] + b[c]));
+        float d = bf16_to_float(d16);
+        dy[at + c] = d16; s[c] += d * v; q[c] += d;)
+}
+
+INLINE void forward(const uint16_t *x, const float *scale, const float *shift, int64_t N, int64_t P, int64_t C,
+                    uint16_t *z) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N * P; t++) {
+        const float *a = scale + t / P * C, *b = shift + t / P * C;
+        const uint16_t *xp = x + t * C;
+        uint16_t *zp = z + t * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) zp[c] = float_to_bf16(gelu(bf16_to_float(xp[c]) * a[c] + b[c]));
+    }
+}
+
+INLINE void input_grad(const uint16_t *x, const uint16_t *dy, const float *ka, const float *kb, const float *kc,
+                       int64_t N, int64_t P, int64_t C, uint16_t *dx) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N * P; t++) {
+        const float *a = ka + t / P * C, *b = kb + t / P * C, *k = kc + t / P * C;
+        const uint16_t *xp = x + t * C, *dp = dy + t * C;
+        uint16_t *out = dx + t * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++)
+            out[c] = float_to_bf16(a[c] * bf16_to_float(dp[c]) + b[c] * bf16_to_float(xp[c]) + k[c]);
+    }
+}
+
+/* The exported entry points; 16 channels (the head's full-resolution width) get a copy with a constant width. */
+void textdiff_gn_moments(const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
+    if (C == 16) moments(x, N, P, 16, out);
+    else moments(x, N, P, C, out);
+}
+
+void textdiff_gn_gelu_forward(const uint16_t *x, const float *scale, const float *shift, int64_t N, int64_t P,
+                              int64_t C, uint16_t *z) {
+    if (C == 16) forward(x, scale, shift, N, P, 16, z);
+    else forward(x, scale, shift, N, P, C, z);
+}
+
+void textdiff_gn_gelu_backward_sums(const uint16_t *x, const uint16_t *gz, const float *scale, const float *shift,
+                                    int64_t N, int64_t P, int64_t C, uint16_t *dy, double *out) {
+    if (C == 16) backward_sums(x, gz, scale, shift, N, P, 16, dy, out);
+    else backward_sums(x, gz, scale, shift, N, P, C, dy, out);
+}
+
+void textdiff_gn_input_grad(const uint16_t *x, const uint16_t *dy, const float *a, const float *b, const float *k,
+                            int64_t N, int64_t P, int64_t C, uint16_t *dx) {
+    if (C == 16) input_grad(x, dy, a, b, k, N, P, 16, dx);
+    else input_grad(x, dy, a, b, k, N, P, C, dx);
+}

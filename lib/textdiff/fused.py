@@ -1,0 +1,163 @@
+"""GroupNorm + GELU in one kernel for the head's bf16 CPU training (``csrc/group_norm_gelu.c``).
+
+GELU's erf makes it ~5x as slow as a plain elementwise pass on this project's CPUs, and PyTorch runs the pair as two
+ops forward and two backward (GroupNorm's channels-last backward as several more passes, see head.py); the head has
+8 such pairs, 4 of them on 16-channel maps at full resolution. The C kernel does the pair in 2 passes each way with a
+cheap polynomial erf. It is compiled on first use with the machine's C compiler (``CC``, else ``cc``/``gcc``; about a
+second) into a cache folder, keyed by source, flags, compiler and CPU, and loaded with ctypes. Anything that fails
+(no compiler, another OS or CPU family, ``TEXTDIFF_NATIVE=0``) leaves the PyTorch ops in place: same function, slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "group_norm_gelu.c"
+# -march=native: the cache key holds the CPU, so a cache folder shared between machines builds once per CPU kind.
+# OpenMP resolves to the libgomp.so.1 PyTorch has already loaded (same soname): one thread pool for both.
+# -fno-trapping-math lets GCC vectorise the kernel's selects; not -ffast-math, whose start-up code would switch the
+# whole process's floating-point mode (flush-to-zero).
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+ENV_SWITCH = "TEXTDIFF_NATIVE"  # "0": never build or use the kernel
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TEXTDIFF_NATIVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "textdiff", "native")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(keep))  # one copy per distinct line, not one per core
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
+    """Compile the kernel (or find it compiled) and return the shared library's path; raises on failure."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode())
+    out_dir = Path(out_dir) if out_dir else cache_dir()
+    path = out_dir / f"group_norm_gelu-{key.hexdigest()[:16]}.so"
+    if path.is_file():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: concurrent builds are safe
+        target = Path(tmp) / path.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], capture_output=True,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(target, path)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it cannot be used here (see the module's docstring)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    # built and measured on x86-64 Linux with PyTorch's OpenMP; elsewhere the PyTorch ops are the safe choice
+    if platform.system() != "Linux" or platform.machine() != "x86_64" \
+            or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except Exception as error:  # the PyTorch ops still work
+        warnings.warn(f"fused GroupNorm+GELU kernel unavailable ({error}); training uses the slower PyTorch ops")
+        return None
+    p, n = ctypes.c_void_p, ctypes.c_int64
+    lib.textdiff_gn_moments.argtypes = [p, n, n, n, p]
+    lib.textdiff_gn_gelu_forward.argtypes = [p, p, p, n, n, n, p]
+    lib.textdiff_gn_gelu_backward_sums.argtypes = [p, p, p, p, n, n, n, p, p]
+    lib.textdiff_gn_input_grad.argtypes = [p, p, p, p, p, n, n, n, p]
+    for function in (lib.textdiff_gn_moments, lib.textdiff_gn_gelu_forward, lib.textdiff_gn_gelu_backward_sums,
+                     lib.textdiff_gn_input_grad):
+        function.restype = None
+    return lib
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether ``group_norm_gelu`` runs the kernel for this input: a bf16 channels-last CPU map in training."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and x.numel() > 0
+            and weight is not None and torch.is_grad_enabled() and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+
+
+class _GroupNormGELU(torch.autograd.Function):
+    """gelu(group_norm(x)) with fp32 statistics and fp32 math inside, bf16 in and out (as autocast's ops)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float):
+        lib = library()
+        n, c, h, w = x.shape
+        pixels, per_group = h * w, c // groups
+        moments = torch.empty(n, 2, c, dtype=torch.float64)
+        lib.textdiff_gn_moments(x.data_ptr(), n, pixels, c, moments.data_ptr())
+        moments = moments.view(n, 2, groups, per_group).sum(3) / (per_group * pixels)
+        mean = moments[:, 0]
+        rstd = ((moments[:, 1] - mean * mean).clamp(min=0) + eps).rsqrt()
+        mean_c = mean.float().repeat_interleave(per_group, 1)  # (N, C)
+        rstd_c = rstd.float().repeat_interleave(per_group, 1)
+        scale = (weight.float() * rstd_c).contiguous()
+        shift = (bias.float() - mean_c * scale).contiguous()
+        out = torch.empty_like(x)  # channels-last, as x
+        lib.textdiff_gn_gelu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, pixels, c, out.data_ptr())
+        ctx.save_for_backward(x, weight, scale, shift, mean_c, rstd_c)
+        ctx.groups = groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib = library()
+        x, weight, scale, shift, mean_c, rstd_c = ctx.saved_tensors
+        n, c, h, w = x.shape
+        groups, pixels = ctx.groups, h * w
+        per_group = c // groups
+        grad = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        dy = torch.empty_like(x)  # the gradient at GroupNorm's output, bf16 (what PyTorch's GELU backward gives)
+        sums = torch.empty(n, 2, c, dtype=torch.float64)
+        lib.textdiff_gn_gelu_backward_sums(x.data_ptr(), grad.data_ptr(), scale.data_ptr(), shift.data_ptr(), n,
+                                           pixels, c, dy.data_ptr(), sums.data_ptr())
+        sum_dy_x, sum_dy = sums.float().unbind(1)  # (N, C) each
+        gamma = weight.float()
+        # the GroupNorm backward of head.py's _ChannelsLastGroupNorm: dx = a * dy + b * x + k
+        mean, rstd = mean_c[:, ::per_group], rstd_c[:, ::per_group]  # (N, G)
+        ds = (sum_dy_x * gamma).view(n, groups, per_group).sum(2)
+        db = (sum_dy * gamma).view(n, groups, per_group).sum(2)
+        b = (db * mean - ds) * rstd ** 3 / (per_group * pixels)
+        k = -b * mean - db * rstd / (per_group * pixels)
+        a = (rstd_c * gamma).contiguous()
+        b, k = b.repeat_interleave(per_group, 1).contiguous(), k.repeat_interleave(per_group, 1).contiguous()
+        dx = torch.empty_like(x)
+        lib.textdiff_gn_input_grad(x.data_ptr(), dy.data_ptr(), a.data_ptr(), b.data_ptr(), k.data_ptr(), n, pixels,
+                                   c, dx.data_ptr())
+        dweight = ((sum_dy_x - sum_dy * mean_c) * rstd_c).sum(0).to(weight.dtype)
+        return dx, dweight, sum_dy.sum(0).to(weight.dtype), None, None
+
+
+def group_norm_gelu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """The kernel's GroupNorm + GELU; callers check ``applies`` first."""
+    with torch.autocast("cpu", enabled=False):
+        return _GroupNormGELU.apply(x, weight, bias, groups, eps)
