@@ -82,15 +82,20 @@ def library() -> ctypes.CDLL | None:
             or "OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        path = build()
+        # another OpenMP runtime (e.g. clang's libomp) would run its own thread pool beside PyTorch's, and the two
+        # pools' waiting threads spin against each other: slower than PyTorch's own ops
+        if b"libgomp.so.1" not in path.read_bytes():
+            raise RuntimeError(f"{path.name} is not linked to GNU OpenMP (libgomp.so.1), which PyTorch uses")
+        lib = ctypes.CDLL(str(path))
     except Exception as error:  # the PyTorch ops still work
         warnings.warn(f"fused GroupNorm+GELU kernel unavailable ({error}); training uses the slower PyTorch ops")
         return None
-    p, n = ctypes.c_void_p, ctypes.c_int64
-    lib.textdiff_gn_moments.argtypes = [p, n, n, n, p]
-    lib.textdiff_gn_gelu_forward.argtypes = [p, p, p, n, n, n, p]
-    lib.textdiff_gn_gelu_backward_sums.argtypes = [p, p, p, p, n, n, n, p, p]
-    lib.textdiff_gn_input_grad.argtypes = [p, p, p, p, p, n, n, n, p]
+    p, n, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.textdiff_gn_moments.argtypes = [i, p, n, n, n, p]
+    lib.textdiff_gn_gelu_forward.argtypes = [i, p, p, p, n, n, n, p]
+    lib.textdiff_gn_gelu_backward_sums.argtypes = [i, p, p, p, p, n, n, n, p, p]
+    lib.textdiff_gn_input_grad.argtypes = [i, p, p, p, p, p, n, n, n, p]
     for function in (lib.textdiff_gn_moments, lib.textdiff_gn_gelu_forward, lib.textdiff_gn_gelu_backward_sums,
                      lib.textdiff_gn_input_grad):
         function.restype = None
@@ -113,7 +118,8 @@ class _GroupNormGELU(torch.autograd.Function):
         n, c, h, w = x.shape
         pixels, per_group = h * w, c // groups
         moments = torch.empty(n, 2, c, dtype=torch.float64)
-        lib.textdiff_gn_moments(x.data_ptr(), n, pixels, c, moments.data_ptr())
+        threads = torch.get_num_threads()
+        lib.textdiff_gn_moments(threads, x.data_ptr(), n, pixels, c, moments.data_ptr())
         moments = moments.view(n, 2, groups, per_group).sum(3) / (per_group * pixels)
         mean = moments[:, 0]
         rstd = ((moments[:, 1] - mean * mean).clamp(min=0) + eps).rsqrt()
@@ -122,7 +128,8 @@ class _GroupNormGELU(torch.autograd.Function):
         scale = (weight.float() * rstd_c).contiguous()
         shift = (bias.float() - mean_c * scale).contiguous()
         out = torch.empty_like(x)  # channels-last, as x
-        lib.textdiff_gn_gelu_forward(x.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, pixels, c, out.data_ptr())
+        lib.textdiff_gn_gelu_forward(threads, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, pixels, c,
+                                     out.data_ptr())
         ctx.save_for_backward(x, weight, scale, shift, mean_c, rstd_c)
         ctx.groups = groups
         return out
@@ -137,8 +144,9 @@ class _GroupNormGELU(torch.autograd.Function):
         grad = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         dy = torch.empty_like(x)  # the gradient at GroupNorm's output, bf16 (what PyTorch's GELU backward gives)
         sums = torch.empty(n, 2, c, dtype=torch.float64)
-        lib.textdiff_gn_gelu_backward_sums(x.data_ptr(), grad.data_ptr(), scale.data_ptr(), shift.data_ptr(), n,
-                                           pixels, c, dy.data_ptr(), sums.data_ptr())
+        threads = torch.get_num_threads()
+        lib.textdiff_gn_gelu_backward_sums(threads, x.data_ptr(), grad.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                           n, pixels, c, dy.data_ptr(), sums.data_ptr())
         sum_dy_x, sum_dy = sums.float().unbind(1)  # (N, C) each
         gamma = weight.float()
         # the GroupNorm backward of head.py's _ChannelsLastGroupNorm: dx = a * dy + b * x + k
@@ -150,8 +158,8 @@ class _GroupNormGELU(torch.autograd.Function):
         a = (rstd_c * gamma).contiguous()
         b, k = b.repeat_interleave(per_group, 1).contiguous(), k.repeat_interleave(per_group, 1).contiguous()
         dx = torch.empty_like(x)
-        lib.textdiff_gn_input_grad(x.data_ptr(), dy.data_ptr(), a.data_ptr(), b.data_ptr(), k.data_ptr(), n, pixels,
-                                   c, dx.data_ptr())
+        lib.textdiff_gn_input_grad(threads, x.data_ptr(), dy.data_ptr(), a.data_ptr(), b.data_ptr(), k.data_ptr(), n,
+                                   pixels, c, dx.data_ptr())
         dweight = ((sum_dy_x - sum_dy * mean_c) * rstd_c).sum(0).to(weight.dtype)
         return dx, dweight, sum_dy.sum(0).to(weight.dtype), None, None
 

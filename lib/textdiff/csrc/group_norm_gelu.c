@@ -71,7 +71,8 @@ static inline float exp_nonpositive(float x) {
 static inline float gelu(float y) { return 0.5f * y * (1.0f + erf_approx(y * 0.70710678118654752f)); }
 
 static inline float gelu_grad(float y) {
-    return 0.5f * (1.0f + erf_approx(y * 0.70710678118654752f)) + y * 0.39894228040143268f * exp_nonpositive(-0.5f * y * y);
+    float density = 0.39894228040143268f * exp_nonpositive(-0.5f * y * y); /* the standard normal's */
+    return 0.5f * (1.0f + erf_approx(y * 0.70710678118654752f)) + y * density;
 }
 
 #define BLOCK 256
@@ -82,7 +83,7 @@ static inline float gelu_grad(float y) {
 #define PIXEL_SUMS(BODY)                                                                                           \
     memset(out, 0, sizeof(double) * N * 2 * C);                                                                   \
     int64_t blocks = (P + BLOCK - 1) / BLOCK;                                                                     \
-    _Pragma("omp parallel") {                                                                                     \
+    _Pragma("omp parallel num_threads(threads)") {                                                               \
         double *acc = calloc(N * 2 * C, sizeof(double));                                                          \
         float *s = malloc(sizeof(float) * C), *q = malloc(sizeof(float) * C);                                     \
         _Pragma("omp for schedule(static)") for (int64_t t = 0; t < N * blocks; t++) {                           \
@@ -104,14 +105,14 @@ static inline float gelu_grad(float y) {
     }
 
 /* sums of x and x^2 (GroupNorm's statistics) */
-INLINE void moments(const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
+INLINE void moments(int threads, const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
     PIXEL_SUMS(float v = bf16_to_float(x[at + c]); s[c] += v; q[c] += v * v;)
 }
 
 /* dy = gz * gelu'(y), the gradient at GroupNorm's output (bf16, as PyTorch's GELU backward gives it), and the sums
  * of dy * x and dy that GroupNorm's backward needs */
-INLINE void backward_sums(const uint16_t *x, const uint16_t *gz, const float *scale, const float *shift, int64_t N,
-                          int64_t P, int64_t C, uint16_t *dy, double *out) {
+INLINE void backward_sums(int threads, const uint16_t *x, const uint16_t *gz, const float *scale, const float *shift,
+                          int64_t N, int64_t P, int64_t C, uint16_t *dy, double *out) {
     PIXEL_SUMS(
         const float *a = scale + n * C; const float *b = shift + n * C;
         float v = bf16_to_float(x[at + c]);
@@ -120,9 +121,9 @@ INLINE void backward_sums(const uint16_t *x, const uint16_t *gz, const float *sc
         dy[at + c] = d16; s[c] += d * v; q[c] += d;)
 }
 
-INLINE void forward(const uint16_t *x, const float *scale, const float *shift, int64_t N, int64_t P, int64_t C,
-                    uint16_t *z) {
-    #pragma omp parallel for schedule(static)
+INLINE void forward(int threads, const uint16_t *x, const float *scale, const float *shift, int64_t N, int64_t P,
+                    int64_t C, uint16_t *z) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < N * P; t++) {
         const float *a = scale + t / P * C, *b = shift + t / P * C;
         const uint16_t *xp = x + t * C;
@@ -132,9 +133,9 @@ INLINE void forward(const uint16_t *x, const float *scale, const float *shift, i
     }
 }
 
-INLINE void input_grad(const uint16_t *x, const uint16_t *dy, const float *ka, const float *kb, const float *kc,
-                       int64_t N, int64_t P, int64_t C, uint16_t *dx) {
-    #pragma omp parallel for schedule(static)
+INLINE void input_grad(int threads, const uint16_t *x, const uint16_t *dy, const float *ka, const float *kb,
+                       const float *kc, int64_t N, int64_t P, int64_t C, uint16_t *dx) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < N * P; t++) {
         const float *a = ka + t / P * C, *b = kb + t / P * C, *k = kc + t / P * C;
         const uint16_t *xp = x + t * C, *dp = dy + t * C;
@@ -145,26 +146,27 @@ INLINE void input_grad(const uint16_t *x, const uint16_t *dy, const float *ka, c
     }
 }
 
-/* The exported entry points; 16 channels (the head's full-resolution width) get a copy with a constant width. */
-void textdiff_gn_moments(const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
-    if (C == 16) moments(x, N, P, 16, out);
-    else moments(x, N, P, C, out);
+/* The exported entry points (threads: PyTorch's intra-op thread count, which a thread of its own would not
+ * inherit); 16 channels (the head's full-resolution width) get a copy with a constant width. */
+void textdiff_gn_moments(int threads, const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
+    if (C == 16) moments(threads, x, N, P, 16, out);
+    else moments(threads, x, N, P, C, out);
 }
 
-void textdiff_gn_gelu_forward(const uint16_t *x, const float *scale, const float *shift, int64_t N, int64_t P,
-                              int64_t C, uint16_t *z) {
-    if (C == 16) forward(x, scale, shift, N, P, 16, z);
-    else forward(x, scale, shift, N, P, C, z);
+void textdiff_gn_gelu_forward(int threads, const uint16_t *x, const float *scale, const float *shift, int64_t N,
+                              int64_t P, int64_t C, uint16_t *z) {
+    if (C == 16) forward(threads, x, scale, shift, N, P, 16, z);
+    else forward(threads, x, scale, shift, N, P, C, z);
 }
 
-void textdiff_gn_gelu_backward_sums(const uint16_t *x, const uint16_t *gz, const float *scale, const float *shift,
-                                    int64_t N, int64_t P, int64_t C, uint16_t *dy, double *out) {
-    if (C == 16) backward_sums(x, gz, scale, shift, N, P, 16, dy, out);
-    else backward_sums(x, gz, scale, shift, N, P, C, dy, out);
+void textdiff_gn_gelu_backward_sums(int threads, const uint16_t *x, const uint16_t *gz, const float *scale,
+                                    const float *shift, int64_t N, int64_t P, int64_t C, uint16_t *dy, double *out) {
+    if (C == 16) backward_sums(threads, x, gz, scale, shift, N, P, 16, dy, out);
+    else backward_sums(threads, x, gz, scale, shift, N, P, C, dy, out);
 }
 
-void textdiff_gn_input_grad(const uint16_t *x, const uint16_t *dy, const float *a, const float *b, const float *k,
-                            int64_t N, int64_t P, int64_t C, uint16_t *dx) {
-    if (C == 16) input_grad(x, dy, a, b, k, N, P, 16, dx);
-    else input_grad(x, dy, a, b, k, N, P, C, dx);
+void textdiff_gn_input_grad(int threads, const uint16_t *x, const uint16_t *dy, const float *a, const float *b,
+                            const float *k, int64_t N, int64_t P, int64_t C, uint16_t *dx) {
+    if (C == 16) input_grad(threads, x, dy, a, b, k, N, P, 16, dx);
+    else input_grad(threads, x, dy, a, b, k, N, P, C, dx);
 }
