@@ -274,22 +274,22 @@ def test_group_norm_of_channels_last_maps_equals_the_plain_one_forward_and_backw
         assert (ours - nchw.grad).abs().max() <= 2 * (pytorch - nchw.grad).abs().max()
 
 
-def _bf16_group_norm_gelu_step(module, x, grad):
-    """(output, input grad, weight grad, bias grad) of module on a bf16 channels-last copy of x, all as fp32."""
+def _group_norm_gelu_step(module, x, grad, dtype=torch.bfloat16):
+    """(output, input grad, weight grad, bias grad) of module on a channels-last copy of x in dtype, all as fp32."""
     module.zero_grad()
-    x16 = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
-    y = module(x16)
-    y.backward(grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
-    assert y.is_contiguous(memory_format=torch.channels_last) and x16.grad.is_contiguous(
-        memory_format=torch.channels_last)
-    return [y.float(), x16.grad.float(), module.weight.grad.clone(), module.bias.grad.clone()]
+    xc = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = module(xc)
+    y.backward(grad.to(dtype).contiguous(memory_format=torch.channels_last))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+    return [y.float(), xc.grad.float(), module.weight.grad.clone(), module.bias.grad.clone()]
 
 
 @pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
-def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch_in_bf16(monkeypatch):
-    """The head's GroupNorm + GELU pairs run as one C kernel in bf16 CPU training (textdiff/fused.py). It builds
-    wherever a C compiler is, and its values and gradients (input, weight, bias) must be at least as close to fp32
-    PyTorch as PyTorch's own bf16 ops are -- for the head's widths, odd sizes and single samples."""
+def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch(monkeypatch):
+    """The head's GroupNorm + GELU pairs run as one C kernel in CPU training (textdiff/fused.py). It builds wherever
+    a C compiler is; in bf16 its values and gradients (input, weight, bias) must be at least as close to fp32
+    PyTorch as PyTorch's own bf16 ops are, in fp32 equal to them -- for the head's widths, odd sizes, one sample."""
     from textdiff.head import _norm_gelu
 
     assert fused.library() is not None, "the kernel did not build"
@@ -300,21 +300,24 @@ def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch_in_bf16(monkeypatch
             module.weight.normal_(1, 0.5), module.bias.normal_(0, 0.5)
         x = torch.randn(n, channels, h, w) * 2 + 0.5
         grad = torch.randn(n, channels, h, w)
-        assert fused.applies(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), module.weight)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert fused.applies(x.to(dtype).contiguous(memory_format=torch.channels_last), module.weight)
         x32 = x.clone().requires_grad_()
         reference = torch.nn.functional.gelu(torch.nn.functional.group_norm(x32, module.num_groups, module.weight,
                                                                              module.bias, module.eps))
         module.zero_grad()
         reference.backward(grad)
         exact = [reference.detach(), x32.grad, module.weight.grad.clone(), module.bias.grad.clone()]
-        kernel = _bf16_group_norm_gelu_step(module, x, grad)
+        kernel = _group_norm_gelu_step(module, x, grad)
         with monkeypatch.context() as patch:  # the same module on PyTorch's ops
             patch.setattr(fused, "library", lambda: None)
-            pytorch = _bf16_group_norm_gelu_step(module, x, grad)
+            pytorch = _group_norm_gelu_step(module, x, grad)
         for ours, theirs, truth, name in zip(kernel, pytorch, exact, ("output", "input grad", "weight", "bias")):
             error, bound = (ours - truth).abs().max(), (theirs - truth).abs().max()
             assert error <= bound * 1.5 + 1e-6, (n, channels, name, float(error), float(bound))
             assert error < 0.05 * truth.abs().max(), (n, channels, name)  # and close in absolute terms
+        for ours, truth in zip(_group_norm_gelu_step(module, x, grad, torch.float32), exact):
+            torch.testing.assert_close(ours, truth, rtol=1e-4, atol=1e-4 * float(truth.abs().max()))
 
 
 def test_fused_kernel_that_cannot_build_leaves_pytorch_ops_in_place(monkeypatch, tmp_path):

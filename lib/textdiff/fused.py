@@ -1,4 +1,4 @@
-"""GroupNorm + GELU in one kernel for the head's bf16 CPU training (``csrc/group_norm_gelu.c``).
+"""GroupNorm + GELU in one kernel for the head's CPU training, bf16 or fp32 (``csrc/group_norm_gelu.c``).
 
 GELU's erf makes it ~5x as slow as a plain elementwise pass on this project's CPUs, and PyTorch runs the pair as two
 ops forward and two backward (GroupNorm's channels-last backward as several more passes, see head.py); the head has
@@ -92,10 +92,10 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"fused GroupNorm+GELU kernel unavailable ({error}); training uses the slower PyTorch ops")
         return None
     p, n, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.textdiff_gn_moments.argtypes = [i, p, n, n, n, p]
-    lib.textdiff_gn_gelu_forward.argtypes = [i, p, p, p, n, n, n, p]
-    lib.textdiff_gn_gelu_backward_sums.argtypes = [i, p, p, p, p, n, n, n, p, p]
-    lib.textdiff_gn_input_grad.argtypes = [i, p, p, p, p, p, n, n, n, p]
+    lib.textdiff_gn_moments.argtypes = [i, i, p, n, n, n, p]
+    lib.textdiff_gn_gelu_forward.argtypes = [i, i, p, p, p, n, n, n, p]
+    lib.textdiff_gn_gelu_backward_sums.argtypes = [i, i, p, p, p, p, n, n, n, p, p]
+    lib.textdiff_gn_input_grad.argtypes = [i, i, p, p, p, p, p, n, n, n, p]
     for function in (lib.textdiff_gn_moments, lib.textdiff_gn_gelu_forward, lib.textdiff_gn_gelu_backward_sums,
                      lib.textdiff_gn_input_grad):
         function.restype = None
@@ -103,14 +103,14 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether ``group_norm_gelu`` runs the kernel for this input: a bf16 channels-last CPU map in training."""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and x.numel() > 0
+    """Whether ``group_norm_gelu`` runs the kernel for this input: a bf16 or fp32 channels-last CPU map in training."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 4 and x.numel() > 0
             and weight is not None and torch.is_grad_enabled() and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
 
 
 class _GroupNormGELU(torch.autograd.Function):
-    """gelu(group_norm(x)) with fp32 statistics and fp32 math inside, bf16 in and out (as autocast's ops)."""
+    """gelu(group_norm(x)) with fp32 math inside (double sums); bf16 or fp32 in and out, as PyTorch's ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
@@ -118,8 +118,8 @@ class _GroupNormGELU(torch.autograd.Function):
         n, c, h, w = x.shape
         pixels, per_group = h * w, c // groups
         moments = torch.empty(n, 2, c, dtype=torch.float64)
-        threads = torch.get_num_threads()
-        lib.textdiff_gn_moments(threads, x.data_ptr(), n, pixels, c, moments.data_ptr())
+        threads, fp32 = torch.get_num_threads(), int(x.dtype == torch.float32)
+        lib.textdiff_gn_moments(threads, fp32, x.data_ptr(), n, pixels, c, moments.data_ptr())
         moments = moments.view(n, 2, groups, per_group).sum(3) / (per_group * pixels)
         mean = moments[:, 0]
         rstd = ((moments[:, 1] - mean * mean).clamp(min=0) + eps).rsqrt()
@@ -128,7 +128,7 @@ class _GroupNormGELU(torch.autograd.Function):
         scale = (weight.float() * rstd_c).contiguous()
         shift = (bias.float() - mean_c * scale).contiguous()
         out = torch.empty_like(x)  # channels-last, as x
-        lib.textdiff_gn_gelu_forward(threads, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, pixels, c,
+        lib.textdiff_gn_gelu_forward(threads, fp32, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, pixels, c,
                                      out.data_ptr())
         ctx.save_for_backward(x, weight, scale, shift, mean_c, rstd_c)
         ctx.groups = groups
@@ -141,12 +141,12 @@ class _GroupNormGELU(torch.autograd.Function):
         n, c, h, w = x.shape
         groups, pixels = ctx.groups, h * w
         per_group = c // groups
-        grad = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        dy = torch.empty_like(x)  # the gradient at GroupNorm's output, bf16 (what PyTorch's GELU backward gives)
+        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        dy = torch.empty_like(x)  # the gradient at GroupNorm's output, in x's type (as PyTorch's GELU backward)
         sums = torch.empty(n, 2, c, dtype=torch.float64)
-        threads = torch.get_num_threads()
-        lib.textdiff_gn_gelu_backward_sums(threads, x.data_ptr(), grad.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                                           n, pixels, c, dy.data_ptr(), sums.data_ptr())
+        threads, fp32 = torch.get_num_threads(), int(x.dtype == torch.float32)
+        lib.textdiff_gn_gelu_backward_sums(threads, fp32, x.data_ptr(), grad.data_ptr(), scale.data_ptr(),
+                                           shift.data_ptr(), n, pixels, c, dy.data_ptr(), sums.data_ptr())
         sum_dy_x, sum_dy = sums.float().unbind(1)  # (N, C) each
         gamma = weight.float()
         # the GroupNorm backward of head.py's _ChannelsLastGroupNorm: dx = a * dy + b * x + k
@@ -158,8 +158,8 @@ class _GroupNormGELU(torch.autograd.Function):
         a = (rstd_c * gamma).contiguous()
         b, k = b.repeat_interleave(per_group, 1).contiguous(), k.repeat_interleave(per_group, 1).contiguous()
         dx = torch.empty_like(x)
-        lib.textdiff_gn_input_grad(threads, x.data_ptr(), dy.data_ptr(), a.data_ptr(), b.data_ptr(), k.data_ptr(), n,
-                                   pixels, c, dx.data_ptr())
+        lib.textdiff_gn_input_grad(threads, fp32, x.data_ptr(), dy.data_ptr(), a.data_ptr(), b.data_ptr(), k.data_ptr(),
+                                   n, pixels, c, dx.data_ptr())
         dweight = ((sum_dy_x - sum_dy * mean_c) * rstd_c).sum(0).to(weight.dtype)
         return dx, dweight, sum_dy.sum(0).to(weight.dtype), None, None
 

@@ -1,13 +1,14 @@
-/* GroupNorm followed by GELU on a channels-last bf16 map, forward and backward, for the head's CPU training.
+/* GroupNorm followed by GELU on a channels-last bf16 or fp32 map, forward and backward, for the head's CPU training.
  *
  * PyTorch runs the pair as ~14 passes over memory per training step (GroupNorm's statistics and affine, GELU, and
  * their backwards: GELU's, then GroupNorm's); this is 2 passes forward and 2 backward, with the GELU derivative
  * computed in the pass that needs it. Built by textdiff/fused.py with the compiler at hand and loaded with ctypes;
  * OpenMP is the one PyTorch already loaded (same soname), so both share one thread pool.
  *
- * Layout: x is (N, P, C) in memory (P pixels, channels innermost), bf16 as raw 16-bit words; scale/shift/a/b/k are
- * (N, C) fp32: GroupNorm's affine folded per sample and channel, y = x * scale + shift. Sums accumulate in fp32 over
- * blocks of pixels and in double across blocks and threads.
+ * Layout: x is (N, P, C) in memory (P pixels, channels innermost), bf16 (as raw 16-bit words) or fp32, the same type
+ * for every map of a call; scale/shift/a/b/k are (N, C) fp32: GroupNorm's affine folded per sample and channel,
+ * y = x * scale + shift. Math is fp32; sums accumulate in fp32 over blocks of pixels and in double across blocks and
+ * threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,6 +26,21 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even; NaN st
     uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
     rounded = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : rounded;
     return (uint16_t)(rounded >> 16);
+}
+
+/* Element i of a bf16 or fp32 map; `fp32` is a constant wherever these are inlined, so the test folds away. */
+static inline __attribute__((always_inline)) float load(const void *map, int64_t i, int fp32) {
+    return fp32 ? ((const float *)map)[i] : bf16_to_float(((const uint16_t *)map)[i]);
+}
+
+static inline __attribute__((always_inline)) void store(void *map, int64_t i, float v, int fp32) {
+    if (fp32) ((float *)map)[i] = v;
+    else ((uint16_t *)map)[i] = float_to_bf16(v);
+}
+
+/* v as the map type holds it (bf16 rounds; what PyTorch's own op would have stored) */
+static inline __attribute__((always_inline)) float rounded(float v, int fp32) {
+    return fp32 ? v : bf16_to_float(float_to_bf16(v));
 }
 
 /* erf(x) as x * p(x^2) / q(x^2) on [-4, 4] (|erf| rounds to 1 beyond; error ~1e-7): branch-free, so it vectorises
@@ -105,68 +121,71 @@ static inline float gelu_grad(float y) {
     }
 
 /* sums of x and x^2 (GroupNorm's statistics) */
-INLINE void moments(int threads, const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
-    PIXEL_SUMS(float v = bf16_to_float(x[at + c]); s[c] += v; q[c] += v * v;)
+INLINE void moments(int threads, int fp32, const void *x, int64_t N, int64_t P, int64_t C, double *out) {
+    PIXEL_SUMS(float v = load(x, at + c, fp32); s[c] += v; q[c] += v * v;)
 }
 
-/* dy = gz * gelu'(y), the gradient at GroupNorm's output (bf16, as PyTorch's GELU backward gives it), and the sums
- * of dy * x and dy that GroupNorm's backward needs */
-INLINE void backward_sums(int threads, const uint16_t *x, const uint16_t *gz, const float *scale, const float *shift,
-                          int64_t N, int64_t P, int64_t C, uint16_t *dy, double *out) {
+/* dy = gz * gelu'(y), the gradient at GroupNorm's output (in the map type, as PyTorch's GELU backward gives it), and
+ * the sums of dy * x and dy that GroupNorm's backward needs */
+INLINE void backward_sums(int threads, int fp32, const void *x, const void *gz, const float *scale,
+                          const float *shift, int64_t N, int64_t P, int64_t C, void *dy, double *out) {
     PIXEL_SUMS(
         const float *a = scale + n * C; const float *b = shift + n * C;
-        float v = bf16_to_float(x[at + c]);
-        uint16_t d16 = float_to_bf16(bf16_to_float(gz[at + c]) * gelu_grad(v * a[c] + b[c]));
-        float d = bf16_to_float(d16);
-        dy[at + c] = d16; s[c] += d * v; q[c] += d;)
+        float v = load(x, at + c, fp32);
+        float d = rounded(load(gz, at + c, fp32) * gelu_grad(v * a[c] + b[c]), fp32);
+        store(dy, at + c, d, fp32); s[c] += d * v; q[c] += d;)
 }
 
-INLINE void forward(int threads, const uint16_t *x, const float *scale, const float *shift, int64_t N, int64_t P,
-                    int64_t C, uint16_t *z) {
+INLINE void forward(int threads, int fp32, const void *x, const float *scale, const float *shift, int64_t N,
+                    int64_t P, int64_t C, void *z) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < N * P; t++) {
         const float *a = scale + t / P * C, *b = shift + t / P * C;
-        const uint16_t *xp = x + t * C;
-        uint16_t *zp = z + t * C;
         #pragma omp simd
-        for (int64_t c = 0; c < C; c++) zp[c] = float_to_bf16(gelu(bf16_to_float(xp[c]) * a[c] + b[c]));
+        for (int64_t c = 0; c < C; c++) store(z, t * C + c, gelu(load(x, t * C + c, fp32) * a[c] + b[c]), fp32);
     }
 }
 
-INLINE void input_grad(int threads, const uint16_t *x, const uint16_t *dy, const float *ka, const float *kb,
-                       const float *kc, int64_t N, int64_t P, int64_t C, uint16_t *dx) {
+INLINE void input_grad(int threads, int fp32, const void *x, const void *dy, const float *ka, const float *kb,
+                       const float *kc, int64_t N, int64_t P, int64_t C, void *dx) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t t = 0; t < N * P; t++) {
         const float *a = ka + t / P * C, *b = kb + t / P * C, *k = kc + t / P * C;
-        const uint16_t *xp = x + t * C, *dp = dy + t * C;
-        uint16_t *out = dx + t * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; c++)
-            out[c] = float_to_bf16(a[c] * bf16_to_float(dp[c]) + b[c] * bf16_to_float(xp[c]) + k[c]);
+            store(dx, t * C + c, a[c] * load(dy, t * C + c, fp32) + b[c] * load(x, t * C + c, fp32) + k[c], fp32);
     }
 }
 
-/* The exported entry points (threads: PyTorch's intra-op thread count, which a thread of its own would not
- * inherit); 16 channels (the head's full-resolution width) get a copy with a constant width. */
-void textdiff_gn_moments(int threads, const uint16_t *x, int64_t N, int64_t P, int64_t C, double *out) {
-    if (C == 16) moments(threads, x, N, P, 16, out);
-    else moments(threads, x, N, P, C, out);
+/* The exported entry points. threads: PyTorch's intra-op thread count (a thread of its own would not inherit it);
+ * fp32: the maps' type (else bf16). Each combination of type and of 16 channels (the head's full-resolution width)
+ * or any other width is its own compiled copy. */
+#define DISPATCH(BODY, ...)                                              \
+    if (fp32 && C == 16) BODY(threads, 1, __VA_ARGS__, N, P, 16);       \
+    else if (fp32) BODY(threads, 1, __VA_ARGS__, N, P, C);              \
+    else if (C == 16) BODY(threads, 0, __VA_ARGS__, N, P, 16);          \
+    else BODY(threads, 0, __VA_ARGS__, N, P, C);
+
+#define MOMENTS(threads, fp32, x, out, N, P, C) moments(threads, fp32, x, N, P, C, out)
+void textdiff_gn_moments(int threads, int fp32, const void *x, int64_t N, int64_t P, int64_t C, double *out) {
+    DISPATCH(MOMENTS, x, out)
 }
 
-void textdiff_gn_gelu_forward(int threads, const uint16_t *x, const float *scale, const float *shift, int64_t N,
-                              int64_t P, int64_t C, uint16_t *z) {
-    if (C == 16) forward(threads, x, scale, shift, N, P, 16, z);
-    else forward(threads, x, scale, shift, N, P, C, z);
+#define FORWARD(threads, fp32, x, scale, shift, z, N, P, C) forward(threads, fp32, x, scale, shift, N, P, C, z)
+void textdiff_gn_gelu_forward(int threads, int fp32, const void *x, const float *scale, const float *shift,
+                              int64_t N, int64_t P, int64_t C, void *z) {
+    DISPATCH(FORWARD, x, scale, shift, z)
 }
 
-void textdiff_gn_gelu_backward_sums(int threads, const uint16_t *x, const uint16_t *gz, const float *scale,
-                                    const float *shift, int64_t N, int64_t P, int64_t C, uint16_t *dy, double *out) {
-    if (C == 16) backward_sums(threads, x, gz, scale, shift, N, P, 16, dy, out);
-    else backward_sums(threads, x, gz, scale, shift, N, P, C, dy, out);
+#define BACKWARD_SUMS(threads, fp32, x, gz, scale, shift, dy, out, N, P, C) \
+    backward_sums(threads, fp32, x, gz, scale, shift, N, P, C, dy, out)
+void textdiff_gn_gelu_backward_sums(int threads, int fp32, const void *x, const void *gz, const float *scale,
+                                    const float *shift, int64_t N, int64_t P, int64_t C, void *dy, double *out) {
+    DISPATCH(BACKWARD_SUMS, x, gz, scale, shift, dy, out)
 }
 
-void textdiff_gn_input_grad(int threads, const uint16_t *x, const uint16_t *dy, const float *a, const float *b,
-                            const float *k, int64_t N, int64_t P, int64_t C, uint16_t *dx) {
-    if (C == 16) input_grad(threads, x, dy, a, b, k, N, P, 16, dx);
-    else input_grad(threads, x, dy, a, b, k, N, P, C, dx);
+#define INPUT_GRAD(threads, fp32, x, dy, a, b, k, dx, N, P, C) input_grad(threads, fp32, x, dy, a, b, k, N, P, C, dx)
+void textdiff_gn_input_grad(int threads, int fp32, const void *x, const void *dy, const float *a, const float *b,
+                            const float *k, int64_t N, int64_t P, int64_t C, void *dx) {
+    DISPATCH(INPUT_GRAD, x, dy, a, b, k, dx)
 }
