@@ -693,3 +693,20 @@ def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
     with torch.no_grad():
         weight.view(-1)[1] += 1e-3  # not one of every 4096th element
     assert digest(1) != first
+
+
+@pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
+def test_fused_kernel_builds_once_into_a_writable_folder(monkeypatch, tmp_path):
+    """The kernel is built into the cache folder and found there afterwards (no second compile); a cache folder that
+    cannot be written (read-only home) falls back to the temp directory."""
+    monkeypatch.setenv("TEXTDIFF_NATIVE_CACHE", str(tmp_path / "cache"))
+    first = fused.build()
+    assert first.parent == tmp_path / "cache" and first.is_file()
+    stamp = first.stat().st_mtime_ns
+    assert fused.build() == first and first.stat().st_mtime_ns == stamp
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TEXTDIFF_NATIVE_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    fallback = fused.build()
+    assert fallback.parent.parent == tmp_path / "tmp" and fallback.is_file()

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -46,28 +47,48 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))  # one copy per distinct line, not one per core
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The compiler command: ``CC`` (which may carry flags, as in make), else cc or gcc on the PATH."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
-def build(out_dir: Path | None = None, compiler: str | None = None) -> Path:
-    """Compile the kernel (or find it compiled) and return the shared library's path; raises on failure."""
-    compiler = compiler or _compiler()
+def _writable_dir(candidates: list[Path]) -> Path:
+    for folder in candidates:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise RuntimeError(f"no writable folder for the kernel among {[str(c) for c in candidates]}")
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Compile the kernel (or find it compiled) and return the shared library's path; raises on failure. Without
+    ``out_dir``: the cache folder, else (read-only home) a per-user folder in the temp directory."""
+    compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (set CC, or install gcc)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature()]).encode())
-    out_dir = Path(out_dir) if out_dir else cache_dir()
-    path = out_dir / f"group_norm_gelu-{key.hexdigest()[:16]}.so"
-    if path.is_file():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: concurrent builds are safe
-        target = Path(tmp) / path.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], capture_output=True,
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(compiler + list(FLAGS)), version,
+                                    _cpu_signature()]).encode())
+    name = f"group_norm_gelu-{key.hexdigest()[:16]}.so"
+    candidates = [Path(out_dir)] if out_dir else [cache_dir(),
+                                                  Path(tempfile.gettempdir()) / f"textdiff-native-{os.getuid()}"]
+    for folder in candidates:
+        if (folder / name).is_file():
+            return folder / name
+    folder = _writable_dir(candidates)
+    path = folder / name
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed: concurrent builds are safe
+        target = Path(tmp) / name
+        result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], capture_output=True,
                                 text=True, timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
         os.replace(target, path)
     return path
 
