@@ -156,6 +156,7 @@ class _GroupNormGELU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would be PyTorch's ops' job: say so
     def backward(ctx, grad):
         lib = library()
         x, weight, scale, shift, mean_c, rstd_c = ctx.saved_tensors
