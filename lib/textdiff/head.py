@@ -60,7 +60,7 @@ def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.
 
 
 class _GroupNormGELU(nn.GroupNorm):
-    """GroupNorm then GELU, one module so that bf16 CPU training runs the pair as one kernel (fused.py)."""
+    """GroupNorm then GELU, one module so that CPU training runs the pair as one kernel (fused.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.applies(x, self.weight):
@@ -70,10 +70,6 @@ class _GroupNormGELU(nn.GroupNorm):
 
 def _norm_gelu(channels: int) -> nn.Module:
     return _GroupNormGELU(min(8, channels), channels)
-
-
-# Where a GroupNorm + GELU pair was two modules, an nn.Identity now holds the GELU's place: it keeps the numbering of
-# the modules after it, which is how saved heads name their weights.
 
 
 class ReportCrossAttention(nn.Module):
@@ -182,6 +178,7 @@ class FusionHead(nn.Module):
         # one linear map per scale into the fused width (a 1x1 conv of the concatenation, split per scale)
         self.to_fused = nn.ModuleList(
             nn.Conv2d(d, fine_dim if f else fuse_dim, 1, bias=False) for d, f in zip(dims, self.fine))
+        # nn.Identity: where GELU was its own module, which keeps the numbering (the weights' names in saved heads)
         self.coarse = nn.Sequential(_norm_gelu(fuse_dim), nn.Identity(),
                                     nn.Conv2d(fuse_dim, fuse_dim, 3, padding=1), _norm_gelu(fuse_dim))
         if any(self.fine):
