@@ -38,11 +38,6 @@ static inline __attribute__((always_inline)) void store(void *map, int64_t i, fl
     else ((uint16_t *)map)[i] = float_to_bf16(v);
 }
 
-/* v as the map type holds it (bf16 rounds; what PyTorch's own op would have stored) */
-static inline __attribute__((always_inline)) float rounded(float v, int fp32) {
-    return fp32 ? v : bf16_to_float(float_to_bf16(v));
-}
-
 /* erf(x) as x * p(x^2) / q(x^2) on [-4, 4] (|erf| rounds to 1 beyond; error ~1e-7): branch-free, so it vectorises
  * without a vector math library (and without -ffast-math, whose
  * start-up code would change the whole process's floating-point mode). */
@@ -101,7 +96,7 @@ static inline float gelu_grad(float y) {
     int64_t blocks = (P + BLOCK - 1) / BLOCK;                                                                     \
     _Pragma("omp parallel num_threads(threads)") {                                                               \
         double *acc = calloc(N * 2 * C, sizeof(double));                                                          \
-        float *s = malloc(sizeof(float) * C), *q = malloc(sizeof(float) * C);                                     \
+        float *s = malloc(sizeof(float) * C), *q = malloc(sizeof(float) * C);                                   \
         _Pragma("omp for schedule(static)") for (int64_t t = 0; t < N * blocks; t++) {                           \
             int64_t n = t / blocks, begin = (t % blocks) * BLOCK, end = begin + BLOCK < P ? begin + BLOCK : P;    \
             for (int64_t c = 0; c < C; c++) s[c] = q[c] = 0.0f;                                                  \
@@ -132,8 +127,15 @@ INLINE void backward_sums(int threads, int fp32, const void *x, const void *gz, 
     PIXEL_SUMS(
         const float *a = scale + n * C; const float *b = shift + n * C;
         float v = load(x, at + c, fp32);
-        float d = rounded(load(gz, at + c, fp32) * gelu_grad(v * a[c] + b[c]), fp32);
-        store(dy, at + c, d, fp32); s[c] += d * v; q[c] += d;)
+        float d = load(gz, at + c, fp32) * gelu_grad(v * a[c] + b[c]);
+        if (fp32) {
+            ((float *)dy)[at + c] = d;
+        } else { /* round once; the sums use the value stored */
+            uint16_t d16 = float_to_bf16(d);
+            ((uint16_t *)dy)[at + c] = d16;
+            d = bf16_to_float(d16);
+        }
+        s[c] += d * v; q[c] += d;)
 }
 
 INLINE void forward(int threads, int fp32, const void *x, const float *scale, const float *shift, int64_t N,
