@@ -2,7 +2,7 @@
 
 GELU's erf makes it ~5x as slow as a plain elementwise pass on this project's CPUs, and PyTorch runs the pair as two
 ops forward and two backward (GroupNorm's channels-last backward as several more passes, see head.py); the head has
-8 such pairs, 4 of them on 16-channel maps at full resolution. The C kernel does the pair in 2 passes each way with a
+9 such pairs, 4 of them on 16-channel maps at full resolution. The C kernel does the pair in 2 passes each way with a
 cheap polynomial erf. It is compiled on first use with the machine's C compiler (``CC``, else ``cc``/``gcc``; about a
 second) into a cache folder, keyed by source, flags, compiler and CPU, and loaded with ctypes. Anything that fails
 (no compiler, another OS or CPU family, ``TEXTDIFF_NATIVE=0``) leaves the PyTorch ops in place: same function, slower.
