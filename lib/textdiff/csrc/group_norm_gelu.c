@@ -161,7 +161,9 @@ INLINE void input_grad(int threads, int fp32, const void *x, const void *dy, con
 
 /* The exported entry points. threads: PyTorch's intra-op thread count (a thread of its own would not inherit it);
  * fp32: the maps' type (else bf16). Each combination of type and of 16 channels (the head's full-resolution width)
- * or any other width is its own compiled copy. */
+ * or any other width is its own copy -- but GCC outlines each OpenMP region into a function that reads fp32 and C
+ * from its captured variables, so inside the loops they are not constants (measured: the moments pass takes 0.53 ms
+ * at [4, 16, 256, 256] against 0.35 ms for a bf16-only copy). Dispatching inside the parallel loops would fix it. */
 #define DISPATCH(BODY, ...)                                              \
     if (fp32 && C == 16) BODY(threads, 1, __VA_ARGS__, N, P, 16);       \
     else if (fp32) BODY(threads, 1, __VA_ARGS__, N, P, C);              \
