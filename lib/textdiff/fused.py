@@ -170,20 +170,34 @@ class _GroupNormGELU(torch.autograd.Function):
         lib.textdiff_gn_gelu_backward_sums(threads, fp32, x.data_ptr(), grad.data_ptr(), scale.data_ptr(),
                                            shift.data_ptr(), n, pixels, c, dy.data_ptr(), sums.data_ptr())
         sum_dy_x, sum_dy = sums.float().unbind(1)  # (N, C) each
-        gamma = weight.float()
-        # the GroupNorm backward of head.py's _ChannelsLastGroupNorm: dx = a * dy + b * x + k
-        mean, rstd = mean_c[:, ::per_group], rstd_c[:, ::per_group]  # (N, G)
-        ds = (sum_dy_x * gamma).view(n, groups, per_group).sum(2)
-        db = (sum_dy * gamma).view(n, groups, per_group).sum(2)
-        b = (db * mean - ds) * rstd ** 3 / (per_group * pixels)
-        k = -b * mean - db * rstd / (per_group * pixels)
-        a = (rstd_c * gamma).contiguous()
-        b, k = b.repeat_interleave(per_group, 1).contiguous(), k.repeat_interleave(per_group, 1).contiguous()
+        a, b, k, dweight, dbias = group_norm_backward_terms(
+            sum_dy_x, sum_dy, weight, mean_c[:, ::per_group], rstd_c[:, ::per_group], pixels)
         dx = torch.empty_like(x)
         lib.textdiff_gn_input_grad(threads, fp32, x.data_ptr(), dy.data_ptr(), a.data_ptr(), b.data_ptr(), k.data_ptr(),
                                    n, pixels, c, dx.data_ptr())
-        dweight = ((sum_dy_x - sum_dy * mean_c) * rstd_c).sum(0).to(weight.dtype)
-        return dx, dweight, sum_dy.sum(0).to(weight.dtype), None, None
+        return dx, dweight, dbias, None, None
+
+
+def group_norm_backward_terms(sum_dy_x: torch.Tensor, sum_dy: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                              rstd: torch.Tensor, pixels: int):
+    """GroupNorm's backward from the per-sample, per-channel sums of dy * x and dy ((N, C), fp32) and the forward's
+    per-group statistics ((N, G)): dx = a * dy + b * x + k with a, b, k (N, C) fp32 (contiguous), and the weight's
+    and bias's gradients. Shared by the kernel and head.py's PyTorch-op backward."""
+    n, c = sum_dy_x.shape
+    groups = mean.shape[1]
+    per_group, count = c // groups, c // groups * pixels
+    gamma, mean, rstd = weight.float(), mean.float(), rstd.float()
+
+    def per_channel(t):  # (N, G) -> (N, C)
+        return t.repeat_interleave(per_group, 1).contiguous()
+
+    ds = (sum_dy_x * gamma).view(n, groups, per_group).sum(2)
+    db = (sum_dy * gamma).view(n, groups, per_group).sum(2)
+    b = (db * mean - ds) * rstd ** 3 / count
+    k = -b * mean - db * rstd / count
+    a = (per_channel(rstd) * gamma).contiguous()
+    dweight = ((sum_dy_x - sum_dy * per_channel(mean)) * per_channel(rstd)).sum(0).to(weight.dtype)
+    return a, per_channel(b), per_channel(k), dweight, sum_dy.sum(0).to(weight.dtype)
 
 
 def group_norm_gelu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,

@@ -26,29 +26,15 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         n, c, h, w = x.shape
-        groups, pixels = ctx.groups, h * w
-        per_group = c // groups
+        pixels = h * w
         tokens = x.permute(0, 2, 3, 1).reshape(n, pixels, c)  # views of the channels-last memory
         grad = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n, pixels, c)
         sum_dy_x = (grad * tokens).sum(1, dtype=torch.float32)  # (N, C)
         sum_dy = grad.sum(1, dtype=torch.float32)
-        gamma = weight.float()
-        mean, rstd = mean.float(), rstd.float()  # (N, G)
-
-        def per_channel(t):  # (N, G) -> (N, C)
-            return t.repeat_interleave(per_group, 1)
-
-        # d loss / d x = a * dy + b * x + c, with a per channel and b, c per group (the standard GroupNorm backward)
-        ds = (sum_dy_x * gamma).view(n, groups, per_group).sum(2)
-        db = (sum_dy * gamma).view(n, groups, per_group).sum(2)
-        b = (db * mean - ds) * rstd ** 3 / (per_group * pixels)
-        offset = -b * mean - db * rstd / (per_group * pixels)
-        a = per_channel(rstd) * gamma
-        dx = torch.addcmul(per_channel(offset)[:, None].to(x.dtype), tokens, per_channel(b)[:, None].to(x.dtype))
+        a, b, k, dweight, dbias = fused.group_norm_backward_terms(sum_dy_x, sum_dy, weight, mean, rstd, pixels)
+        dx = torch.addcmul(k[:, None].to(x.dtype), tokens, b[:, None].to(x.dtype))  # dx = a * dy + b * x + k
         dx.addcmul_(grad, a[:, None].to(x.dtype))
-        dx = dx.view(n, h, w, c).permute(0, 3, 1, 2)
-        dweight = ((sum_dy_x - sum_dy * per_channel(mean)) * per_channel(rstd)).sum(0).to(weight.dtype)
-        return dx, dweight, sum_dy.sum(0).to(weight.dtype), None, None
+        return dx.view(n, h, w, c).permute(0, 3, 1, 2), dweight, dbias, None, None
 
 
 def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
