@@ -289,12 +289,13 @@ def _group_norm_gelu_step(module, x, grad, dtype=torch.bfloat16):
 def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch(monkeypatch):
     """The head's GroupNorm + GELU pairs run as one C kernel in CPU training (textdiff/fused.py). It builds wherever
     a C compiler is; in bf16 its values and gradients (input, weight, bias) must be at least as close to fp32
-    PyTorch as PyTorch's own bf16 ops are, in fp32 equal to them -- for the head's widths, odd sizes, one sample."""
+    PyTorch as PyTorch's own bf16 ops are, in fp32 equal to them -- for the head's widths (16, 32, 64: the kernel's
+    specialised copies), another width (the generic copy), odd sizes, one sample."""
     from textdiff.head import _norm_gelu
 
     assert fused.library() is not None, "the kernel did not build"
     torch.manual_seed(0)
-    for n, channels, h, w in ((4, 16, 32, 32), (3, 64, 7, 9), (1, 32, 16, 16)):
+    for n, channels, h, w in ((4, 16, 32, 32), (3, 64, 7, 9), (1, 32, 16, 16), (2, 24, 5, 11)):
         module = _norm_gelu(channels)
         with torch.no_grad():
             module.weight.normal_(1, 0.5), module.bias.normal_(0, 0.5)
