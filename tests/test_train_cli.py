@@ -449,6 +449,14 @@ def test_benchmark_reference_loop_times_its_steps_after_one_untimed_warm_up_step
     assert len(forwards) == 3  # the warm-up step, then the 2 timed ones
 
 
+def test_benchmark_totals_the_fast_loops_remaining_epochs_from_its_steady_epochs():
+    """The first measured epoch also warms up: it counts as run, and the rest are totalled from the later ones."""
+    from textdiff.benchmark import steady_epoch_s
+
+    assert steady_epoch_s([{"train_s": 9.0}, {"train_s": 5.0}, {"train_s": 6.0}]) == 5.5
+    assert steady_epoch_s([{"train_s": 9.0}]) == 9.0
+
+
 def test_benchmark_refuses_counts_that_would_time_nothing_before_loading_anything(lvit_folder, capsys):
     for option in (["--reference-steps", "0"], ["--measured-epochs", "0"], ["--epochs", "2"]):
         assert main(["benchmark", "--data", str(lvit_folder.parent), *option]) == 2
