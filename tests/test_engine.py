@@ -321,6 +321,44 @@ def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch(monkeypatch):
             torch.testing.assert_close(ours, truth, rtol=1e-4, atol=1e-4 * float(truth.abs().max()))
 
 
+@pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
+def test_fast_path_resnet_blocks_compute_diffusers_function(monkeypatch):
+    """The fast path's ResNet blocks run GroupNorm + SiLU as one C kernel on CPU (backbone.FrozenResnetBlock2D): fp32
+    features must equal diffusers' own forward, bf16 ones be as close to fp32 as diffusers' bf16 forward is, for
+    group widths 2 and 4 (specialised kernel copies) and odd ones (concatenated skips: generic); the kernel must
+    really run, and the naive reference loop must not use it."""
+    from diffusers import UNet2DModel
+
+    from textdiff.backbone import DiffusionFeatures, naive_features
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 48),
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       attention_head_dim=8).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 24, 40) * 2 - 1
+    blocks = (0, 3, 4)
+    calls = []
+    affine = fused._affine
+    monkeypatch.setattr(fused, "_affine", lambda *a: calls.append(a[0].shape) or affine(*a))
+
+    def features(fused_resnets, precision):
+        return DiffusionFeatures(unet, blocks, (50, 250), precision=precision, fused_resnets=fused_resnets)(x)
+
+    exact = features(False, "fp32")
+    assert not calls  # diffusers' forward
+    ours = features(True, "fp32")
+    assert {shape[1] for shape in calls} >= {16, 32, 48, 80}, calls  # every width, the kernel each time
+    for a, b in zip(exact, ours):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    for a, b, c in zip(exact, features(True, "bf16"), features(False, "bf16")):
+        error, bound = float((b.float() - a).norm() / a.norm()), float((c.float() - a).norm() / a.norm())
+        assert error <= bound * 1.5 + 1e-4, (error, bound)
+    calls.clear()
+    naive_features(unet, x, blocks, (50, 250))
+    assert not calls
+
+
 def test_fused_kernel_that_cannot_build_leaves_pytorch_ops_in_place(monkeypatch, tmp_path):
     """No compiler (or a broken one): a clear error from build(), a warning and None from library(), and the head
     still trains (on PyTorch's ops)."""

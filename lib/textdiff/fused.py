@@ -117,8 +117,9 @@ def library() -> ctypes.CDLL | None:
     lib.textdiff_gn_gelu_forward.argtypes = [i, i, p, p, p, n, n, n, p]
     lib.textdiff_gn_gelu_backward_sums.argtypes = [i, i, p, p, p, p, n, n, n, p, p]
     lib.textdiff_gn_input_grad.argtypes = [i, i, p, p, p, p, p, n, n, n, p]
+    lib.textdiff_gn_silu_forward.argtypes = [i, i, p, p, p, n, n, n, p]
     for function in (lib.textdiff_gn_moments, lib.textdiff_gn_gelu_forward, lib.textdiff_gn_gelu_backward_sums,
-                     lib.textdiff_gn_input_grad):
+                     lib.textdiff_gn_input_grad, lib.textdiff_gn_silu_forward):
         function.restype = None
     return lib
 
@@ -130,27 +131,34 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
 
 
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
+    """GroupNorm folded into a per-sample, per-channel affine map y = x * scale + shift ((N, C) fp32 each, from the
+    kernel's double sums), with the per-channel mean and 1/std the backward needs."""
+    n, c, h, w = x.shape
+    pixels, per_group = h * w, c // groups
+    moments = torch.empty(n, 2, c, dtype=torch.float64)
+    library().textdiff_gn_moments(torch.get_num_threads(), int(x.dtype == torch.float32), x.data_ptr(), n, pixels, c,
+                                  moments.data_ptr())
+    moments = moments.view(n, 2, groups, per_group).sum(3) / (per_group * pixels)
+    mean = moments[:, 0]
+    rstd = ((moments[:, 1] - mean * mean).clamp(min=0) + eps).rsqrt()
+    mean_c = mean.float().repeat_interleave(per_group, 1)  # (N, C)
+    rstd_c = rstd.float().repeat_interleave(per_group, 1)
+    scale = (weight.float() * rstd_c).contiguous()
+    shift = (bias.float() - mean_c * scale).contiguous()
+    return scale, shift, mean_c, rstd_c
+
+
 class _GroupNormGELU(torch.autograd.Function):
     """gelu(group_norm(x)) with fp32 math inside (double sums); bf16 or fp32 in and out, as PyTorch's ops."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
-        lib = library()
-        n, c, h, w = x.shape
-        pixels, per_group = h * w, c // groups
-        moments = torch.empty(n, 2, c, dtype=torch.float64)
-        threads, fp32 = torch.get_num_threads(), int(x.dtype == torch.float32)
-        lib.textdiff_gn_moments(threads, fp32, x.data_ptr(), n, pixels, c, moments.data_ptr())
-        moments = moments.view(n, 2, groups, per_group).sum(3) / (per_group * pixels)
-        mean = moments[:, 0]
-        rstd = ((moments[:, 1] - mean * mean).clamp(min=0) + eps).rsqrt()
-        mean_c = mean.float().repeat_interleave(per_group, 1)  # (N, C)
-        rstd_c = rstd.float().repeat_interleave(per_group, 1)
-        scale = (weight.float() * rstd_c).contiguous()
-        shift = (bias.float() - mean_c * scale).contiguous()
+        scale, shift, mean_c, rstd_c = _affine(x, weight, bias, groups, eps)
         out = torch.empty_like(x)  # channels-last, as x
-        lib.textdiff_gn_gelu_forward(threads, fp32, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, pixels, c,
-                                     out.data_ptr())
+        n, c, h, w = x.shape
+        library().textdiff_gn_gelu_forward(torch.get_num_threads(), int(x.dtype == torch.float32), x.data_ptr(),
+                                           scale.data_ptr(), shift.data_ptr(), n, h * w, c, out.data_ptr())
         ctx.save_for_backward(x, weight, scale, shift, mean_c, rstd_c)
         ctx.groups = groups
         return out
@@ -205,3 +213,19 @@ def group_norm_gelu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
     """The kernel's GroupNorm + GELU; callers check ``applies`` first."""
     with torch.autocast("cpu", enabled=False):
         return _GroupNormGELU.apply(x, weight, bias, groups, eps)
+
+
+def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """silu(norm(x)) without gradients (the frozen backbone's ResNet blocks): the kernel for a bf16 or fp32
+    channels-last CPU map, in the map's type (PyTorch's ops round GroupNorm's output to it, then SiLU's again), else
+    PyTorch's ops."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)
+            or x.dim() != 4 or x.numel() == 0 or x.is_contiguous() or not norm.affine
+            or not x.is_contiguous(memory_format=torch.channels_last) or library() is None):
+        return torch.nn.functional.silu(norm(x))
+    scale, shift, _, _ = _affine(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    out = torch.empty_like(x)
+    n, c, h, w = x.shape
+    library().textdiff_gn_silu_forward(torch.get_num_threads(), int(x.dtype == torch.float32), x.data_ptr(),
+                                       scale.data_ptr(), shift.data_ptr(), n, h * w, c, out.data_ptr())
+    return out

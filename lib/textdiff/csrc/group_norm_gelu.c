@@ -1,4 +1,5 @@
-/* GroupNorm followed by GELU on a channels-last bf16 or fp32 map, forward and backward, for the head's CPU training.
+/* GroupNorm followed by GELU on a channels-last bf16 or fp32 map, forward and backward, for the head's CPU training;
+ * and GroupNorm followed by SiLU, forward only, for the backbone's inference.
  *
  * PyTorch runs the pair as ~14 passes over memory per training step (GroupNorm's statistics and affine, GELU, and
  * their backwards: GELU's, then GroupNorm's); this is 2 passes forward and 2 backward, with the GELU derivative
@@ -86,6 +87,15 @@ static inline float gelu_grad(float y) {
     return 0.5f * (1.0f + erf_approx(y * 0.70710678118654752f)) + y * density;
 }
 
+/* x * sigmoid(x), with e^-|x| from exp_nonpositive at half the argument, squared (exact to ~1e-6 down to -36,
+ * where sigmoid is ~2e-16) */
+static inline float silu(float y) {
+    float half = exp_nonpositive(-0.5f * (y < 0.0f ? -y : y));
+    float e = half * half;
+    float sigmoid = (y >= 0.0f ? 1.0f : e) / (1.0f + e);
+    return y * sigmoid;
+}
+
 #define BLOCK 256 /* pixels per work item */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -155,6 +165,15 @@ INLINE void forward_block(int fp32, int64_t C, const void *x, const float *a, co
     }
 }
 
+INLINE void silu_forward_block(int fp32, int64_t C, const void *x, const float *a, const float *b, void *z,
+                               int64_t first, int64_t count) {
+    for (int64_t p = 0; p < count; p++) {
+        int64_t at = first + p * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; c++) store(z, at + c, silu(load(x, at + c, fp32) * a[c] + b[c]), fp32);
+    }
+}
+
 INLINE void input_grad_block(int fp32, int64_t C, const void *x, const void *dy, const float *a, const float *b,
                              const float *k, void *dx, int64_t first, int64_t count) {
     for (int64_t p = 0; p < count; p++) {
@@ -215,5 +234,14 @@ void textdiff_gn_input_grad(int threads, int fp32, const void *x, const void *dy
 #define INPUT_GRAD(FP32, WIDTH) input_grad_block(FP32, WIDTH, x, dy, a + n * C, b + n * C, k + n * C, dx, first, count)
     _Pragma("omp parallel num_threads(threads)") {
         FOR_EACH_BLOCK(SPECIALISED(INPUT_GRAD))
+    }
+}
+
+/* GroupNorm + SiLU, forward only: the backbone's ResNet blocks at inference (textdiff/backbone.py) */
+void textdiff_gn_silu_forward(int threads, int fp32, const void *x, const float *scale, const float *shift,
+                              int64_t N, int64_t P, int64_t C, void *z) {
+#define SILU_FORWARD(FP32, WIDTH) silu_forward_block(FP32, WIDTH, x, scale + n * C, shift + n * C, z, first, count)
+    _Pragma("omp parallel num_threads(threads)") {
+        FOR_EACH_BLOCK(SPECIALISED(SILU_FORWARD))
     }
 }
