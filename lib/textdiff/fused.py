@@ -1,4 +1,5 @@
-"""GroupNorm + GELU in one kernel for the head's CPU training, bf16 or fp32 (``csrc/group_norm_gelu.c``).
+"""GroupNorm + GELU in one kernel for the head's CPU training, and GroupNorm + SiLU for the backbone's CPU inference,
+bf16 or fp32 (``csrc/group_norm_act.c``).
 
 GELU's erf makes it ~5x as slow as a plain elementwise pass on this project's CPUs, and PyTorch runs the pair as two
 ops forward and two backward (GroupNorm's channels-last backward as several more passes, see head.py); the head has
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "group_norm_gelu.c"
+SOURCE = Path(__file__).parent / "csrc" / "group_norm_act.c"
 # -march=native: the cache key holds the CPU, so a cache folder shared between machines builds once per CPU kind.
 # OpenMP resolves to the libgomp.so.1 PyTorch has already loaded (same soname): one thread pool for both.
 # -fno-trapping-math lets GCC vectorise the kernel's selects; not -ffast-math, whose start-up code would switch the
@@ -75,7 +76,7 @@ def build(out_dir: Path | None = None) -> Path:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(compiler + list(FLAGS)), version,
                                     _cpu_signature()]).encode())
-    name = f"group_norm_gelu-{key.hexdigest()[:16]}.so"
+    name = f"group_norm_act-{key.hexdigest()[:16]}.so"
     candidates = [Path(out_dir)] if out_dir else [cache_dir(),
                                                   Path(tempfile.gettempdir()) / f"textdiff-native-{os.getuid()}"]
     for folder in candidates:
