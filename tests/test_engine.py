@@ -322,41 +322,73 @@ def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch(monkeypatch):
 
 
 @pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
-def test_fast_path_resnet_blocks_compute_diffusers_function(monkeypatch):
-    """The fast path's ResNet blocks run GroupNorm + SiLU as one C kernel on CPU (backbone.FrozenResnetBlock2D): fp32
-    features must equal diffusers' own forward, bf16 ones be as close to fp32 as diffusers' bf16 forward is, for
-    group widths 2 and 4 (specialised kernel copies) and odd ones (concatenated skips: generic); the kernel must
-    really run, and the naive reference loop must not use it."""
+def test_fast_path_resnet_blocks_and_attention_compute_diffusers_function(monkeypatch):
+    """The fast path's ResNet blocks run GroupNorm + SiLU as one C kernel on CPU (backbone.FrozenResnetBlock2D) and
+    its self-attention a bf16 kernel (backbone.FastAttnProcessor): fp32 features must equal diffusers' own code, bf16
+    ones be as close to fp32 as diffusers' bf16 code is, for group widths 2 and 4 (specialised kernel copies) and odd
+    ones (concatenated skips: generic); the kernels must really run, and the naive reference loop must not use them."""
     from diffusers import UNet2DModel
 
     from textdiff.backbone import DiffusionFeatures, naive_features
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 48),
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 64),
                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                       attention_head_dim=8).to(memory_format=torch.channels_last)
+                       attention_head_dim=32).to(memory_format=torch.channels_last)  # 2 heads of 32
     x = torch.rand(2, 3, 24, 40) * 2 - 1
     blocks = (0, 3, 4)
-    calls = []
-    affine = fused._affine
-    monkeypatch.setattr(fused, "_affine", lambda *a: calls.append(a[0].shape) or affine(*a))
+    norms, attentions = [], []
+    affine, attention = fused._affine, fused.attention
+    monkeypatch.setattr(fused, "_affine", lambda *a: norms.append(a[0].shape) or affine(*a))
+    monkeypatch.setattr(fused, "attention", lambda *a: attentions.append(attention(*a)) or attentions[-1])
 
-    def features(fused_resnets, precision):
-        return DiffusionFeatures(unet, blocks, (50, 250), precision=precision, fused_resnets=fused_resnets)(x)
+    def features(fast_path, precision):
+        return DiffusionFeatures(unet, blocks, (50, 250), precision=precision, fast_path=fast_path)(x)
 
     exact = features(False, "fp32")
-    assert not calls  # diffusers' forward
+    assert not norms and not attentions  # diffusers' code
     ours = features(True, "fp32")
-    assert {shape[1] for shape in calls} >= {16, 32, 48, 80}, calls  # every width, the kernel each time
+    assert {shape[1] for shape in norms} >= {16, 32, 48, 64, 96, 128}, norms  # every width, the kernel each time
     for a, b in zip(exact, ours):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
-    for a, b, c in zip(exact, features(True, "bf16"), features(False, "bf16")):
+    assert not attentions  # fp32: PyTorch's attention
+    bf16 = features(True, "bf16")
+    if fused.attention_supported(32):
+        assert len(attentions) == 4 and all(a is not None for a in attentions)  # down, mid, 2 up
+    for a, b, c in zip(exact, bf16, features(False, "bf16")):
         error, bound = float((b.float() - a).norm() / a.norm()), float((c.float() - a).norm() / a.norm())
         assert error <= bound * 1.5 + 1e-4, (error, bound)
-    calls.clear()
+    norms.clear(), attentions.clear()
     naive_features(unet, x, blocks, (50, 250))
-    assert not calls
+    assert not norms and not attentions
+
+
+@pytest.mark.skipif(not fused._compiler() or not fused.attention_supported(32), reason="no AVX-512 BF16 kernel here")
+def test_attention_kernel_is_as_exact_as_pytorchs_bf16_attention():
+    """fused.attention against fp32 attention: at least as close as PyTorch's own bf16 SDPA, for head sizes 32 and
+    64, lengths that are no multiple of the kernel's blocks, fewer or more keys than queries, one or several heads;
+    refused (None) where it does not apply."""
+    torch.manual_seed(0)
+    for batch, heads, length, keys, dim in ((2, 3, 37, 53, 32), (1, 2, 130, 64, 64), (3, 1, 5, 200, 32)):
+        q, k, v = (torch.randn(batch, n, heads * dim) * 1.5 for n in (length, keys, keys))
+
+        def split(t):  # (B, N, heads * d) -> (B, heads, N, d)
+            return t.view(batch, -1, heads, dim).transpose(1, 2)
+
+        exact = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        pytorch = torch.nn.functional.scaled_dot_product_attention(*(split(t.bfloat16()) for t in (q, k, v))).float()
+        with torch.no_grad():
+            ours = fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads)
+        assert ours.shape == q.shape and ours.dtype == torch.bfloat16
+        error, bound = (split(ours.float()) - exact).abs().max(), (pytorch - exact).abs().max()
+        assert error <= bound * 1.5 + 1e-6, (batch, heads, length, keys, dim, float(error), float(bound))
+        error, bound = (split(ours.float()) - exact).norm(), (pytorch - exact).norm()  # and overall as close
+        assert error <= bound * 1.1, (batch, heads, length, keys, dim, float(error), float(bound))
+    with torch.no_grad():
+        assert fused.attention(q, k, v, heads) is None  # fp32
+        assert fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads * 2) is None  # head size 16
+    assert fused.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads) is None  # gradients enabled
 
 
 def test_fused_kernel_that_cannot_build_leaves_pytorch_ops_in_place(monkeypatch, tmp_path):

@@ -144,9 +144,9 @@ def default_blocks(unet, max_levels: int = 4) -> tuple[int, ...]:
     return tuple(sorted(set(blocks))[-max_levels:])
 
 
-# True while DiffusionFeatures' fast path runs: only there do the UNet's ResNet blocks take the fused path below (the
-# naive reference loop runs the same UNet object through diffusers' own forward)
-_FUSED_RESNETS = contextvars.ContextVar("textdiff_fused_resnets", default=False)
+# True while DiffusionFeatures' fast path runs: only there do the UNet's ResNet blocks and attention take the CPU
+# kernels below (the naive reference loop runs the same UNet object through diffusers' own code)
+_FAST_PATH = contextvars.ContextVar("textdiff_fast_path", default=False)
 
 
 @functools.cache
@@ -160,7 +160,7 @@ def _frozen_resnet_class():
 
     class FrozenResnetBlock2D(ResnetBlock2D):
         def forward(self, input_tensor, temb, *args, **kwargs):
-            if not (_FUSED_RESNETS.get() and not self.training and self.upsample is None and self.downsample is None
+            if not (_FAST_PATH.get() and not self.training and self.upsample is None and self.downsample is None
                     and self.time_embedding_norm == "default" and isinstance(self.nonlinearity, nn.SiLU)
                     and not args and not kwargs):
                 return super().forward(input_tensor, temb, *args, **kwargs)
@@ -180,13 +180,50 @@ def _frozen_resnet_class():
     return FrozenResnetBlock2D
 
 
-def use_fused_resnets(unet) -> None:
-    """Give the UNet's ResNet blocks the fast path's forward (their class only; weights and state dict unchanged)."""
+class FastAttnProcessor:
+    """diffusers' attention processor for the fast path: self-attention of a feature map through the CPU kernel
+    (fused.attention, ~2x PyTorch's CPU flash kernel at head size 32), the processor it wraps for anything else
+    (outside the fast path, masks, cross-attention, extra norms, training, other types or devices)."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        bf16 = hidden_states.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        plain = (not _FAST_PATH.get() or attn.training or hidden_states.ndim != 4 or args or kwargs
+                 or hidden_states.device.type != "cpu" or not bf16 or attn.to_q.out_features % attn.heads
+                 or not fused.attention_supported(attn.to_q.out_features // attn.heads)
+                 or encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None
+                 or attn.norm_q is not None or attn.norm_k is not None)
+        out = None
+        if not plain:
+            batch, channels, height, width = hidden_states.shape
+            tokens = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+            if attn.group_norm is not None:
+                tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+            out = fused.attention(attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens), attn.heads)
+        if out is None:
+            return self.wrapped(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def use_fast_path(unet) -> None:
+    """Give the UNet's ResNet blocks and attention the fast path's code (their class and processor only; weights and
+    state dict unchanged)."""
+    from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
     for module in unet.modules():
         if type(module) is ResnetBlock2D:
             module.__class__ = _frozen_resnet_class()
+        elif isinstance(module, Attention) and not isinstance(module.processor, FastAttnProcessor):
+            module.set_processor(FastAttnProcessor(module.processor))
 
 
 class _StopForward(Exception):
@@ -242,14 +279,14 @@ class DiffusionFeatures(nn.Module):
 
     def __init__(self, unet, blocks=None, steps=DEFAULT_STEPS, noise_seed=DEFAULT_NOISE_SEED,
                  precision: str = "fp32", early_exit: bool = True, include_image: bool = False,
-                 upsampler_input: bool = False, fused_resnets: bool = True):
+                 upsampler_input: bool = False, fast_path: bool = True):
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.unet = unet.eval().requires_grad_(False)
-        self.fused_resnets = fused_resnets  # False: diffusers' own ResNet forward (the naive reference loop)
-        if fused_resnets:
-            use_fused_resnets(unet)
+        self.fast_path = fast_path  # False: diffusers' own code throughout (the naive reference loop)
+        if fast_path:
+            use_fast_path(unet)
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
         self.units = decoder_units(unet)
         self.blocks = tuple(int(b) for b in (blocks if blocks is not None else default_blocks(unet)))
@@ -331,14 +368,14 @@ class DiffusionFeatures(nn.Module):
                     raise _StopForward
             module = self.units[b][1]
             handles.append(module.register_forward_pre_hook(hook) if before_upsampling else module.register_forward_hook(hook))
-        fused_token = _FUSED_RESNETS.set(self.fused_resnets)
+        fast_token = _FAST_PATH.set(self.fast_path)
         try:
             with _autocast(device, resolve_precision(self.precision, device)):
                 self.unet(x_t, t)
         except _StopForward:
             pass
         finally:
-            _FUSED_RESNETS.reset(fused_token)
+            _FAST_PATH.reset(fast_token)
             for h in handles:
                 h.remove()
         out = []
@@ -374,5 +411,5 @@ def naive_features(unet, x: torch.Tensor, blocks, steps=DEFAULT_STEPS, noise_see
                    upsampler_input: bool = False) -> list[torch.Tensor]:
     """Reference loop (one full fp32 forward per step, hooks, no early exit): for tests and the benchmark."""
     per_step = [DiffusionFeatures(unet, blocks, (t,), noise_seed, "fp32", early_exit=False,
-                                  upsampler_input=upsampler_input, fused_resnets=False)(x) for t in steps]
+                                  upsampler_input=upsampler_input, fast_path=False)(x) for t in steps]
     return [torch.cat([p[i] for p in per_step], dim=1) for i in range(len(per_step[0]))]

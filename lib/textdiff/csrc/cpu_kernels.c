@@ -245,3 +245,136 @@ void textdiff_gn_silu_forward(int threads, int fp32, const void *x, const float 
         FOR_EACH_BLOCK(SPECIALISED(SILU_FORWARD))
     }
 }
+
+/* ---- Softmax attention, bf16, head size 32 or 64: the backbone's self-attention at inference ----
+ * Each thread takes whole heads: k and v are repacked into the operand layouts of AVX-512 BF16's pairwise dot
+ * products, then for 4 query rows at a time: scores against all keys (fp32), the whole row's softmax (exact
+ * maximum, e^x as 2^n * 2^f with a degree-7 polynomial, unnormalised probabilities rounded to bf16 as PyTorch's CPU
+ * flash kernel rounds its normalised ones), probabilities @ v, divided by the row's sum. Needs AVX512F + BF16 at
+ * compile time (-march=native); elsewhere textdiff_attention_supported() says 0 and SDPA runs. */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+/* rows [r0, r0 + R) of one head: scores (R x Sp), then probabilities as bf16 (R x Sp), then out */
+INLINE void rows(int R, int64_t D, const uint32_t *q32, int64_t stride, const uint32_t *kp, const uint32_t *vp,
+                 int64_t S, int64_t Sp, float scale, float *scores, uint16_t *probs, uint16_t *out) {
+    /* scores: 4 key vectors (64 keys) at a time */
+    for (int64_t kb = 0; kb < Sp; kb += 64) {
+        __m512 acc[4][4];
+        for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+        int nj = (Sp - kb) / 16 < 4 ? (int)((Sp - kb) / 16) : 4;
+        for (int64_t d2 = 0; d2 < D / 2; d2++) {
+            __m512i kv[4];
+            for (int j = 0; j < 4; j++) if (j < nj) kv[j] = _mm512_loadu_si512(kp + d2 * Sp + kb + 16 * j);
+            for (int r = 0; r < R; r++) {
+                __m512i qb = _mm512_set1_epi32((int)q32[r * stride / 2 + d2]);
+                for (int j = 0; j < 4; j++)
+                    if (j < nj) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)qb, (__m512bh)kv[j]);
+            }
+        }
+        for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++)
+            if (j < nj) _mm512_storeu_ps(scores + r * Sp + kb + 16 * j, acc[r][j]);
+    }
+    /* unnormalised probabilities e = exp((s - max) * scale) as bf16; out is divided by their sum at the end */
+    float sums[4];
+    const __m512 log2e_scale = _mm512_set1_ps(scale * 1.44269504088896341f), floor_ = _mm512_set1_ps(-126.0f);
+    for (int r = 0; r < R; r++) {
+        float *s = scores + r * Sp;
+        for (int64_t i = S; i < Sp; i++) s[i] = -INFINITY;
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < Sp; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < Sp; i += 32) {
+            __m512 e2[2];
+            for (int h = 0; h < 2; h++) {
+                __m512 x = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16 * h), m), log2e_scale), floor_);
+                __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5]: 2^f = e^(f ln 2), Taylor to degree 7 */
+                __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.540353039338161e-04f));
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355814642844e-03f));
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+                p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+                e2[h] = _mm512_scalef_ps(p, n);
+                sum = _mm512_add_ps(sum, e2[h]);
+            }
+            _mm512_storeu_si512(probs + r * Sp + i, (__m512i)_mm512_cvtne2ps_pbh(e2[1], e2[0]));
+        }
+        sums[r] = _mm512_reduce_add_ps(sum);
+    }
+    /* out = probs @ v: D / 16 vectors per row */
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++) for (int j = 0; j < D / 16; j++) acc[r][j] = _mm512_setzero_ps();
+    const uint32_t *p32 = (const uint32_t *)probs;
+    for (int64_t s2 = 0; s2 < Sp / 2; s2++) {
+        __m512i vv[4];
+        for (int j = 0; j < D / 16; j++) vv[j] = _mm512_loadu_si512(vp + s2 * D + 16 * j);
+        for (int r = 0; r < R; r++) {
+            __m512i pb = _mm512_set1_epi32((int)p32[r * Sp / 2 + s2]);
+            for (int j = 0; j < D / 16; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)pb, (__m512bh)vv[j]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
+        for (int j = 0; j < D / 16; j++)
+            _mm256_storeu_si256((__m256i *)(out + r * stride + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][j], inv)));
+    }
+}
+
+/* one head: q (L rows), k and v (S rows), out (L rows), each row D values, rows `stride` values apart */
+INLINE void head(int64_t D, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t stride, int64_t L,
+                 int64_t S, float scale, uint16_t *out, uint32_t *kp, uint32_t *vp, float *scores, uint16_t *probs) {
+    int64_t Sp = (S + 63) / 64 * 64;
+    /* k as (D / 2, Sp) pairs of dimensions, v as (Sp / 2, D) pairs of keys: the dot products' operand layouts */
+    for (int64_t s = 0; s < Sp; s++)
+        for (int64_t d2 = 0; d2 < D / 2; d2++) kp[d2 * Sp + s] = s < S ? ((const uint32_t *)(k + s * stride))[d2] : 0;
+    uint16_t *vp16 = (uint16_t *)vp;
+    for (int64_t s = 0; s < Sp; s++)
+        for (int64_t d = 0; d < D; d++) vp16[((s / 2) * D + d) * 2 + (s & 1)] = s < S ? v[s * stride + d] : 0;
+    int64_t r = 0;
+    for (; r + 4 <= L; r += 4)
+        rows(4, D, (const uint32_t *)(q + r * stride), stride, kp, vp, S, Sp, scale, scores, probs, out + r * stride);
+    for (; r < L; r++)
+        rows(1, D, (const uint32_t *)(q + r * stride), stride, kp, vp, S, Sp, scale, scores, probs, out + r * stride);
+}
+
+int textdiff_attention_supported(void) { return 1; }
+
+/* q (B, L, H, D), k and v (B, S, H, D), out (B, L, H, D): the layout of the projections' outputs, bf16 */
+void textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
+                        int64_t L, int64_t S, int64_t D, float scale, uint16_t *out) {
+    int64_t Sp = (S + 63) / 64 * 64, stride = H * D;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *kp = aligned_alloc(64, sizeof(uint32_t) * (D / 2) * Sp);
+        uint32_t *vp = aligned_alloc(64, sizeof(uint32_t) * (Sp / 2) * D);
+        float *scores = aligned_alloc(64, sizeof(float) * 4 * Sp);
+        uint16_t *probs = aligned_alloc(64, sizeof(uint16_t) * 4 * Sp);
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            int64_t b = bh / H, h = bh % H;
+            const uint16_t *qh = q + b * L * stride + h * D, *kh = k + b * S * stride + h * D,
+                           *vh = v + b * S * stride + h * D;
+            uint16_t *oh = out + b * L * stride + h * D;
+            if (D == 32) head(32, qh, kh, vh, stride, L, S, scale, oh, kp, vp, scores, probs);
+            else head(64, qh, kh, vh, stride, L, S, scale, oh, kp, vp, scores, probs);
+        }
+        free(kp);
+        free(vp);
+        free(scores);
+        free(probs);
+    }
+}
+#else
+int textdiff_attention_supported(void) { return 0; }
+
+void textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
+                        int64_t L, int64_t S, int64_t D, float scale, uint16_t *out) {
+    (void)threads, (void)q, (void)k, (void)v, (void)B, (void)H, (void)L, (void)S, (void)D, (void)scale, (void)out;
+    abort(); /* callers check textdiff_attention_supported() */
+}
+#endif
