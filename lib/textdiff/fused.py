@@ -120,10 +120,11 @@ def library() -> ctypes.CDLL | None:
     lib.textdiff_gn_input_grad.argtypes = [i, i, p, p, p, p, p, n, n, n, p]
     lib.textdiff_gn_silu_forward.argtypes = [i, i, p, p, p, n, n, n, p]
     lib.textdiff_attention.argtypes = [i, p, p, p, n, n, n, n, n, ctypes.c_float, p]
+    lib.textdiff_attention.restype = i
     lib.textdiff_attention_supported.argtypes = []
     lib.textdiff_attention_supported.restype = i
     for function in (lib.textdiff_gn_moments, lib.textdiff_gn_gelu_forward, lib.textdiff_gn_gelu_backward_sums,
-                     lib.textdiff_gn_input_grad, lib.textdiff_gn_silu_forward, lib.textdiff_attention):
+                     lib.textdiff_gn_input_grad, lib.textdiff_gn_silu_forward):
         function.restype = None
     return lib
 
@@ -255,6 +256,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads
     batch, length, width = query.shape
     head_dim = width // heads
     out = torch.empty_like(query)
-    library().textdiff_attention(torch.get_num_threads(), query.data_ptr(), key.data_ptr(), value.data_ptr(), batch, heads,
-                           length, key.shape[1], head_dim, head_dim ** -0.5, out.data_ptr())
-    return out
+    status = library().textdiff_attention(torch.get_num_threads(), query.data_ptr(), key.data_ptr(), value.data_ptr(),
+                                          batch, heads, length, key.shape[1], head_dim, head_dim ** -0.5,
+                                          out.data_ptr())
+    return out if status == 0 else None  # out of memory in the kernel: SDPA instead

@@ -344,18 +344,26 @@ INLINE void head(int64_t D, const uint16_t *q, const uint16_t *k, const uint16_t
 
 int textdiff_attention_supported(void) { return 1; }
 
-/* q (B, L, H, D), k and v (B, S, H, D), out (B, L, H, D): the layout of the projections' outputs, bf16 */
-void textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
-                        int64_t L, int64_t S, int64_t D, float scale, uint16_t *out) {
+/* q (B, L, H, D), k and v (B, S, H, D), out (B, L, H, D): the layout of the projections' outputs, bf16. Returns 0, or
+ * -1 if a thread's scratch memory could not be allocated (out is then incomplete). */
+int textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
+                       int64_t L, int64_t S, int64_t D, float scale, uint16_t *out) {
     int64_t Sp = (S + 63) / 64 * 64, stride = H * D;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         uint32_t *kp = aligned_alloc(64, sizeof(uint32_t) * (D / 2) * Sp);
         uint32_t *vp = aligned_alloc(64, sizeof(uint32_t) * (Sp / 2) * D);
         float *scores = aligned_alloc(64, sizeof(float) * 4 * Sp);
         uint16_t *probs = aligned_alloc(64, sizeof(uint16_t) * 4 * Sp);
+        int ready = kp && vp && scores && probs;
+        if (!ready) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
+            if (!ready) continue;
             int64_t b = bh / H, h = bh % H;
             const uint16_t *qh = q + b * L * stride + h * D, *kh = k + b * S * stride + h * D,
                            *vh = v + b * S * stride + h * D;
@@ -368,13 +376,14 @@ void textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const
         free(scores);
         free(probs);
     }
+    return failed ? -1 : 0;
 }
 #else
 int textdiff_attention_supported(void) { return 0; }
 
-void textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
-                        int64_t L, int64_t S, int64_t D, float scale, uint16_t *out) {
+int textdiff_attention(int threads, const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t B, int64_t H,
+                       int64_t L, int64_t S, int64_t D, float scale, uint16_t *out) {
     (void)threads, (void)q, (void)k, (void)v, (void)B, (void)H, (void)L, (void)S, (void)D, (void)scale, (void)out;
-    abort(); /* callers check textdiff_attention_supported() */
+    return -1; /* callers check textdiff_attention_supported() first */
 }
 #endif
