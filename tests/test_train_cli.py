@@ -457,6 +457,20 @@ def test_benchmark_totals_the_fast_loops_remaining_epochs_from_its_steady_epochs
     assert steady_epoch_s([{"train_s": 9.0}]) == 9.0
 
 
+def test_benchmark_blocks_replace_the_models_blocks_and_an_earlier_exit_skips_more(tiny_model, tiny_unet_dir,
+                                                                                     lvit_folder, tmp_path):
+    from textdiff import benchmark
+
+    tiny_model.save(tmp_path / "model")
+    common = dict(backbone=str(tiny_unet_dir), data=lvit_folder.parent, model_dir=str(tmp_path / "model"), windows=1,
+                  skip=("train", "infer"))
+    recipe = benchmark.run(**common)
+    shallow = benchmark.run(**common, blocks=[0])
+    assert recipe["blocks"] == list(tiny_model.config.blocks) != [0] and shallow["blocks"] == [0]
+    assert shallow["extract_flop_ratio"] > recipe["extract_flop_ratio"]
+    assert "blocks: [0]" in benchmark.table(shallow)
+
+
 def test_benchmark_refuses_counts_that_would_time_nothing_before_loading_anything(lvit_folder, capsys):
     for option in (["--reference-steps", "0"], ["--measured-epochs", "0"], ["--epochs", "2"]):
         assert main(["benchmark", "--data", str(lvit_folder.parent), *option]) == 2

@@ -302,7 +302,7 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
 
 def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "default", windows: int = 4,
         epochs: int = 50, measured_epochs: int = 3, reference_steps: int = 24, skip: tuple[str, ...] = (),
-        adm: bool = False) -> dict:
+        adm: bool = False, blocks: list[int] | None = None) -> dict:
     if not (data / "Train_Folder").is_dir():
         raise FileNotFoundError(f"benchmark data not found: {data} (MoNuSeg LViT folders)")
     counts = {"windows": windows, "measured epochs": measured_epochs, "reference steps": reference_steps}
@@ -310,14 +310,18 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
         raise ValueError(f"need windows, measured epochs and reference steps >= 1 and epochs >= measured epochs, "
                          f"got {counts} and {epochs} epochs")
     torch.manual_seed(0)
-    # the served model's recipe (blocks, steps, scale, head), with a fresh head on the chosen backbone
+    # the served model's recipe (blocks, steps, scale, head), with a fresh head on the chosen backbone; ``blocks``
+    # replaces its blocks for extraction and training (the early exit's saving depends on the deepest one)
     recipe = json.loads((resolve_model_dir(model_dir) / CONFIG_NAME).read_text())
+    if blocks:
+        recipe["blocks"] = list(blocks)
     config = ModelConfig.from_dict(dict(recipe, backbone=backbone, feature_channels=None, backbone_fingerprint=None,
                                         weights=None))
     model = TextDiffModel.build(config)
     samples = read_lvit(data / "Train_Folder")
     result: dict = {"device": f"{model.device.type} ({platform.processor() or platform.machine()}, "
-                              f"{torch.get_num_threads()} threads)", "backbone": backbone}
+                              f"{torch.get_num_threads()} threads)", "backbone": backbone,
+                    "blocks": list(model.config.blocks)}
     parts = {"extract": lambda: bench_extract(model, _windows(samples, model, windows)),
              "train": lambda: bench_train(config, data, epochs, measured_epochs, reference_steps),
              "infer": lambda: bench_infer(model_dir, samples[0].image)}
@@ -344,7 +348,7 @@ def table(result: dict) -> str:
             ("ADM-256 layout, 256x256 windows/s (bf16/fp16)", "adm_windows_per_s", "{:.2f}", ""),
             ("  physical limit (peak rate / 3 full forwards)", "adm_limit_windows_per_s", "{:.2f}", ""),
             ("  fraction of the limit", "adm_fraction_of_limit", "{:.1%}", "")]
-    lines = [f"device: {result.get('device')}  backbone: {result.get('backbone')}", ""]
+    lines = [f"device: {result.get('device')}  backbone: {result.get('backbone')}  blocks: {result.get('blocks')}", ""]
     for label, key, fmt, goal in rows:
         if key is None:
             pair = {"s per": ("extract_naive_s_per_window", "extract_fast_s_per_window", "{:.2f}"),

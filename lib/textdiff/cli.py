@@ -203,7 +203,7 @@ def cmd_benchmark(args) -> int:
 
     result = benchmark.run(args.backbone, Path(args.data) if args.data else benchmark.DEFAULT_DATA, args.model,
                            args.windows, args.epochs, args.measured_epochs, args.reference_steps, tuple(args.skip or ()),
-                           adm=args.adm)
+                           adm=args.adm, blocks=args.blocks)
     print(benchmark.table(result), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     p.add_argument("--backbone", default="default", help=BACKBONE_HELP)
     p.add_argument("--model", default="default", help="model folder served for the REST infer timing")
+    p.add_argument("--blocks", type=_ints, help="decoder blocks for extraction and training instead of the model's "
+                                                "(e.g. 0,2, the chest X-ray choice: the early exit skips more)")
     p.add_argument("--data", help="MoNuSeg LViT root (default ../shared/data/monuseg)")
     p.add_argument("--windows", type=int, default=4, help="256x256 windows timed for extraction")
     p.add_argument("--epochs", type=int, default=50, help="epochs of the training comparison (default 50, the paper's)")
