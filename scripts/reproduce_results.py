@@ -502,8 +502,8 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
         lines += [f"| {name} | {_cell(stale, name)} | {', '.join(stale_reasons(stale[name], name))} |"
                   for name in sorted(stale)]
     lines += ["", "## Recipe", "",
-              "TextDiff runs: the shipped model's recipe (default blocks with upsampler inputs, the clean image as one",
-              "more input, report attention told where each token lies in the image, steps 50/150/250, 256 px tiles",
+              "TextDiff runs: the recipe of the model shipped until session 32 (default blocks with upsampler inputs, the clean",
+              "image as one more input, report attention told where each token lies in the image, steps 50/150/250, 256 px tiles",
               "and windows; U-Net: MONAI UNet 16-256 channels, "
               f"{UNET_STEPS['monuseg']} (MoNuSeg) / {UNET_STEPS['covid']} (COVID-QU-Ex) steps",
               "of 4 windows, same augmentation, the best of 10 evaluations kept as for TextDiff),",
