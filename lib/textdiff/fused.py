@@ -129,11 +129,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether ``group_norm_gelu`` runs the kernel for this input: a bf16 or fp32 channels-last CPU map in training."""
+def _kernel_map(x: torch.Tensor) -> bool:
+    """A map the GroupNorm kernels take: bf16 or fp32, on the CPU, channels-last (and not also plain), kernel built."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 4 and x.numel() > 0
-            and weight is not None and torch.is_grad_enabled() and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether ``group_norm_gelu`` runs the kernel for this input: a kernel map (above) in training."""
+    return weight is not None and torch.is_grad_enabled() and _kernel_map(x)
 
 
 def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
@@ -224,9 +228,7 @@ def group_norm_silu(x: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
     """silu(norm(x)) without gradients (the frozen backbone's ResNet blocks): the kernel for a bf16 or fp32
     channels-last CPU map, in the map's type (PyTorch's ops round GroupNorm's output to it, then SiLU's again), else
     PyTorch's ops."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)
-            or x.dim() != 4 or x.numel() == 0 or x.is_contiguous() or not norm.affine
-            or not x.is_contiguous(memory_format=torch.channels_last) or library() is None):
+    if torch.is_grad_enabled() or not norm.affine or not _kernel_map(x):
         return torch.nn.functional.silu(norm(x))
     scale, shift, _, _ = _affine(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
     out = torch.empty_like(x)
