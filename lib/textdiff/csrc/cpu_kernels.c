@@ -255,25 +255,24 @@ void textdiff_gn_silu_forward(int threads, int fp32, const void *x, const float 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
-/* rows [r0, r0 + R) of one head: scores (R x Sp), then probabilities as bf16 (R x Sp), then out */
+/* R query rows of one head (q32: the first row's dimension pairs, rows `stride` bf16 values apart; out likewise):
+ * scores (R x Sp), then probabilities as bf16 (R x Sp), then out. Sp is S rounded up to 64, the keys' block. */
 INLINE void rows(int R, int64_t D, const uint32_t *q32, int64_t stride, const uint32_t *kp, const uint32_t *vp,
                  int64_t S, int64_t Sp, float scale, float *scores, uint16_t *probs, uint16_t *out) {
-    /* scores: 4 key vectors (64 keys) at a time */
+    /* scores: 4 vectors of 16 keys at a time, R x 4 accumulators */
     for (int64_t kb = 0; kb < Sp; kb += 64) {
         __m512 acc[4][4];
         for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-        int nj = (Sp - kb) / 16 < 4 ? (int)((Sp - kb) / 16) : 4;
         for (int64_t d2 = 0; d2 < D / 2; d2++) {
             __m512i kv[4];
-            for (int j = 0; j < 4; j++) if (j < nj) kv[j] = _mm512_loadu_si512(kp + d2 * Sp + kb + 16 * j);
+            for (int j = 0; j < 4; j++) kv[j] = _mm512_loadu_si512(kp + d2 * Sp + kb + 16 * j);
             for (int r = 0; r < R; r++) {
                 __m512i qb = _mm512_set1_epi32((int)q32[r * stride / 2 + d2]);
-                for (int j = 0; j < 4; j++)
-                    if (j < nj) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)qb, (__m512bh)kv[j]);
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)qb, (__m512bh)kv[j]);
             }
         }
-        for (int r = 0; r < R; r++) for (int j = 0; j < 4; j++)
-            if (j < nj) _mm512_storeu_ps(scores + r * Sp + kb + 16 * j, acc[r][j]);
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(scores + r * Sp + kb + 16 * j, acc[r][j]);
     }
     /* unnormalised probabilities e = exp((s - max) * scale) as bf16; out is divided by their sum at the end */
     float sums[4];
@@ -288,7 +287,8 @@ INLINE void rows(int R, int64_t D, const uint32_t *q32, int64_t stride, const ui
         for (int64_t i = 0; i < Sp; i += 32) {
             __m512 e2[2];
             for (int h = 0; h < 2; h++) {
-                __m512 x = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16 * h), m), log2e_scale), floor_);
+                __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i + 16 * h), m), log2e_scale);
+                x = _mm512_max_ps(x, floor_); /* padding's -inf and anything below 2^-126 */
                 __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 __m512 f = _mm512_sub_ps(x, n); /* [-0.5, 0.5]: 2^f = e^(f ln 2), Taylor to degree 7 */
                 __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
@@ -321,7 +321,8 @@ INLINE void rows(int R, int64_t D, const uint32_t *q32, int64_t stride, const ui
     for (int r = 0; r < R; r++) {
         __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
         for (int j = 0; j < D / 16; j++)
-            _mm256_storeu_si256((__m256i *)(out + r * stride + 16 * j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][j], inv)));
+            _mm256_storeu_si256((__m256i *)(out + r * stride + 16 * j),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][j], inv)));
     }
 }
 
