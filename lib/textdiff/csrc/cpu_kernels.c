@@ -156,21 +156,16 @@ INLINE void backward_sums_block(int fp32, int64_t C, const void *x, const void *
         s[c] += d * v; q[c] += d;)
 }
 
-INLINE void forward_block(int fp32, int64_t C, const void *x, const float *a, const float *b, void *z, int64_t first,
-                          int64_t count) {
+/* z = act(x * a + b), act GELU (the head) or SiLU (the backbone), `silu_act` a constant wherever this is inlined */
+INLINE void forward_block(int fp32, int64_t C, int silu_act, const void *x, const float *a, const float *b, void *z,
+                          int64_t first, int64_t count) {
     for (int64_t p = 0; p < count; p++) {
         int64_t at = first + p * C;
         #pragma omp simd
-        for (int64_t c = 0; c < C; c++) store(z, at + c, gelu(load(x, at + c, fp32) * a[c] + b[c]), fp32);
-    }
-}
-
-INLINE void silu_forward_block(int fp32, int64_t C, const void *x, const float *a, const float *b, void *z,
-                               int64_t first, int64_t count) {
-    for (int64_t p = 0; p < count; p++) {
-        int64_t at = first + p * C;
-        #pragma omp simd
-        for (int64_t c = 0; c < C; c++) store(z, at + c, silu(load(x, at + c, fp32) * a[c] + b[c]), fp32);
+        for (int64_t c = 0; c < C; c++) {
+            float y = load(x, at + c, fp32) * a[c] + b[c];
+            store(z, at + c, silu_act ? silu(y) : gelu(y), fp32);
+        }
     }
 }
 
@@ -223,7 +218,7 @@ void textdiff_gn_gelu_backward_sums(int threads, int fp32, const void *x, const 
 
 void textdiff_gn_gelu_forward(int threads, int fp32, const void *x, const float *scale, const float *shift,
                               int64_t N, int64_t P, int64_t C, void *z) {
-#define FORWARD(FP32, WIDTH) forward_block(FP32, WIDTH, x, scale + n * C, shift + n * C, z, first, count)
+#define FORWARD(FP32, WIDTH) forward_block(FP32, WIDTH, 0, x, scale + n * C, shift + n * C, z, first, count)
     _Pragma("omp parallel num_threads(threads)") {
         FOR_EACH_BLOCK(SPECIALISED(FORWARD))
     }
@@ -240,7 +235,7 @@ void textdiff_gn_input_grad(int threads, int fp32, const void *x, const void *dy
 /* GroupNorm + SiLU, forward only: the backbone's ResNet blocks at inference (textdiff/backbone.py) */
 void textdiff_gn_silu_forward(int threads, int fp32, const void *x, const float *scale, const float *shift,
                               int64_t N, int64_t P, int64_t C, void *z) {
-#define SILU_FORWARD(FP32, WIDTH) silu_forward_block(FP32, WIDTH, x, scale + n * C, shift + n * C, z, first, count)
+#define SILU_FORWARD(FP32, WIDTH) forward_block(FP32, WIDTH, 1, x, scale + n * C, shift + n * C, z, first, count)
     _Pragma("omp parallel num_threads(threads)") {
         FOR_EACH_BLOCK(SPECIALISED(SILU_FORWARD))
     }
