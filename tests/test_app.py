@@ -107,7 +107,8 @@ def test_pretrain_trainer_adapts_backbone_used_by_next_head(client):
     assert response.status_code == 200, response.text
     from monailabel.interfaces.utils.app import app_instance
 
-    adapted = app_instance().task.pretrainer().out
+    adapted = app_instance().task.pretrainer().latest()
+    assert adapted.name == "0001"
     assert (adapted / "config.json").is_file() and (adapted / "recipe.json").is_file()
     # it adapted the served model's backbone (the tiny test UNet), not a new default-sized one
     served = json.loads((client.tmp / "initial" / "config.json").read_text())["backbone"]
@@ -152,7 +153,7 @@ def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_di
 
     def new_head(**conf):
         settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), **conf}, tmp_path)
-        trainer = TextDiffTrain(ModelStore(settings), settings, tmp_path / "adapted")
+        trainer = TextDiffTrain(ModelStore(settings), settings, lambda: None)
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             return ModelStore(settings).current(), TextDiffModel.build(trainer.new_model_config(), "cpu")

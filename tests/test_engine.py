@@ -767,17 +767,29 @@ def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
 
 
 @pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
-def test_fused_kernel_builds_once_into_a_writable_folder(monkeypatch, tmp_path):
-    """The kernel is built into the cache folder and found there afterwards (no second compile); a cache folder that
-    cannot be written (read-only home) falls back to the temp directory."""
+def test_fused_kernel_builds_once_into_a_private_folder_only(monkeypatch, tmp_path):
+    """The kernel is built into the user's cache folder and found there afterwards (no second compile); a folder or
+    library that others can write is refused (no shared temp-folder fallback), and the PyTorch ops stay in place."""
+    import os
+
     monkeypatch.setenv("TEXTDIFF_NATIVE_CACHE", str(tmp_path / "cache"))
     first = fused.build()
     assert first.parent == tmp_path / "cache" and first.is_file()
     stamp = first.stat().st_mtime_ns
     assert fused.build() == first and first.stat().st_mtime_ns == stamp
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("TEXTDIFF_NATIVE_CACHE", str(blocked / "cache"))
-    monkeypatch.setattr(fused.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    fallback = fused.build()
-    assert fallback.parent.parent == tmp_path / "tmp" and fallback.is_file()
+    os.chmod(first, 0o777)  # a planted or loosened library is not loaded
+    with pytest.raises(RuntimeError, match="not private"):
+        fused.build()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("TEXTDIFF_NATIVE_CACHE", str(shared))
+    with pytest.raises(RuntimeError, match="not private"):
+        fused.build()
+    assert not list(shared.iterdir())
+    fused.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="not private"):
+            assert fused.library() is None
+    finally:
+        fused.library.cache_clear()

@@ -7,8 +7,12 @@ import os
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")  # MLflow's file:// tracking fails on monai 1.6
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded defaults need no hub; a hub id fails fast and clearly
 
+import sys
+from pathlib import Path
+
 from fastapi import HTTPException
 from lib import server_guards
+from lib.security import bound_host, check_exposure, check_name
 from lib.configs.textdiff import TextDiffConfig
 from lib.datastore import ValidatingDatastore
 from lib.settings import AppSettings
@@ -27,10 +31,16 @@ class TextDiffApp(MONAILabelApp):
             os.environ["PYTHONPATH"] = os.pathsep.join(paths + [app_dir])
         # everything the init_* hooks use must exist before MONAILabelApp.__init__ calls them
         self.settings = AppSettings.from_conf(conf, app_dir)
+        check_exposure(bound_host(), server_settings.MONAI_LABEL_AUTH_ENABLE, self.settings.allow_remote)
+        if self.settings.heap_tuning:
+            from textdiff.heap import reuse_freed_heap
+
+            reuse_freed_heap()
         self.task = TextDiffConfig()
         self.task.init(MODEL, str(self.settings.model_dir), conf, None, settings=self.settings,
                        datastore=lambda: self._datastore)
-        server_guards.install()
+        if "monailabel.app" in sys.modules:  # the HTTP server (not the train/scoring subprocess, which has none)
+            server_guards.install(sys.modules["monailabel.app"].app, self.settings)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TextDiff",
                          description="Report-guided, label-efficient segmentation (TextDiff, MICCAI 2024)",
                          labels=self.task.store.label_names())
@@ -59,9 +69,17 @@ class TextDiffApp(MONAILabelApp):
             raise HTTPException(404, f"unknown model {request.get('model')!r}; available: {', '.join(self._infers)}")
         image = request.get("image")
         store = datastore or self.datastore()
-        if isinstance(image, str) and not os.path.exists(image) and image not in _list_images(store):
-            raise HTTPException(404, f"unknown image id {image!r}")
-        request["image_id"] = image  # the base class swaps the id for a path; the report needs the id
+        if not isinstance(image, str):
+            raise HTTPException(400, "image must be a datastore id or an uploaded file")
+        if request.get("save_label") and request.get("label_tag", "original") != "original":
+            # predictions may be kept as "original" (batch infer); the annotator's labels are theirs alone
+            raise HTTPException(400, f"inference never writes the {request.get('label_tag')!r} labels")
+        upload = Path(image).parent == server_guards.uploads_dir() and Path(image).is_file()
+        if not upload:
+            check_name(image, "image id")
+            if image not in _list_images(store):
+                raise HTTPException(404, f"unknown image id {image!r}")
+        request["image_id"] = None if upload else image  # the base class swaps the id for a path; reports need the id
         return super().infer(request, datastore)
 
 

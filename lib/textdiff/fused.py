@@ -56,20 +56,19 @@ def _compiler() -> list[str] | None:
     return [found] if found else None
 
 
-def _writable_dir(candidates: list[Path]) -> Path:
-    for folder in candidates:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return folder
-        except OSError:
-            continue
-    raise RuntimeError(f"no writable folder for the kernel among {[str(c) for c in candidates]}")
+def _check_private(path: Path) -> Path:
+    """``path`` if this user owns it and nobody else may write it: a shared library loaded from a place others can
+    write runs their code in this process."""
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"{path} is not private to this user (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}):"
+                           f" the kernel is neither built nor loaded there; set TEXTDIFF_NATIVE_CACHE to a folder of yours")
+    return path
 
 
 def build(out_dir: Path | None = None) -> Path:
-    """Compile the kernel (or find it compiled) and return the shared library's path; raises on failure. Without
-    ``out_dir``: the cache folder, else (read-only home) a per-user folder in the temp directory."""
+    """Compile the kernel (or find it compiled) in ``out_dir`` (default: the user's cache folder, never a shared
+    temp folder) and return the shared library's path; raises on failure."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler (set CC, or install gcc)")
@@ -77,19 +76,19 @@ def build(out_dir: Path | None = None) -> Path:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(compiler + list(FLAGS)), version,
                                     _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    candidates = [Path(out_dir)] if out_dir else [cache_dir(),
-                                                  Path(tempfile.gettempdir()) / f"textdiff-native-{os.getuid()}"]
-    for folder in candidates:
-        if (folder / name).is_file():
-            return folder / name
-    folder = _writable_dir(candidates)
+    folder = Path(out_dir) if out_dir else cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(folder)
     path = folder / name
+    if path.is_file():
+        return _check_private(path)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed: concurrent builds are safe
         target = Path(tmp) / name
         result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], capture_output=True,
                                 text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
+        os.chmod(target, 0o700)
         os.replace(target, path)
     return path
 
@@ -123,10 +122,16 @@ def library() -> ctypes.CDLL | None:
     lib.textdiff_attention.restype = i
     lib.textdiff_attention_supported.argtypes = []
     lib.textdiff_attention_supported.restype = i
-    for function in (lib.textdiff_gn_moments, lib.textdiff_gn_gelu_forward, lib.textdiff_gn_gelu_backward_sums,
-                     lib.textdiff_gn_input_grad, lib.textdiff_gn_silu_forward):
+    for function in (lib.textdiff_gn_gelu_forward, lib.textdiff_gn_input_grad, lib.textdiff_gn_silu_forward):
         function.restype = None
+    lib.textdiff_gn_moments.restype = i  # 0, or -1: a thread's scratch could not be allocated
+    lib.textdiff_gn_gelu_backward_sums.restype = i
     return lib
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the CPU kernel could not allocate its per-thread scratch memory")
 
 
 def _kernel_map(x: torch.Tensor) -> bool:
@@ -146,8 +151,8 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: i
     n, c, h, w = x.shape
     pixels, per_group = h * w, c // groups
     moments = torch.empty(n, 2, c, dtype=torch.float64)
-    library().textdiff_gn_moments(torch.get_num_threads(), int(x.dtype == torch.float32), x.data_ptr(), n, pixels, c,
-                                  moments.data_ptr())
+    _check(library().textdiff_gn_moments(torch.get_num_threads(), int(x.dtype == torch.float32), x.data_ptr(), n,
+                                         pixels, c, moments.data_ptr()))
     moments = moments.view(n, 2, groups, per_group).sum(3) / (per_group * pixels)
     mean = moments[:, 0]
     rstd = ((moments[:, 1] - mean * mean).clamp(min=0) + eps).rsqrt()
@@ -184,8 +189,8 @@ class _GroupNormGELU(torch.autograd.Function):
         dy = torch.empty_like(x)  # the gradient at GroupNorm's output, in x's type (as PyTorch's GELU backward)
         sums = torch.empty(n, 2, c, dtype=torch.float64)
         threads, fp32 = torch.get_num_threads(), int(x.dtype == torch.float32)
-        lib.textdiff_gn_gelu_backward_sums(threads, fp32, x.data_ptr(), grad.data_ptr(), scale.data_ptr(),
-                                           shift.data_ptr(), n, pixels, c, dy.data_ptr(), sums.data_ptr())
+        _check(lib.textdiff_gn_gelu_backward_sums(threads, fp32, x.data_ptr(), grad.data_ptr(), scale.data_ptr(),
+                                                  shift.data_ptr(), n, pixels, c, dy.data_ptr(), sums.data_ptr()))
         sum_dy_x, sum_dy = sums.float().unbind(1)  # (N, C) each
         a, b, k, dweight, dbias = group_norm_backward_terms(
             sum_dy_x, sum_dy, weight, mean_c[:, ::per_group], rstd_c[:, ::per_group], pixels)

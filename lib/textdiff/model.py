@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ from . import preprocess
 from .backbone import (DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, _autocast, load_unet,
                        resolve_precision, shipped_backbones)
 from .data import Image
-from .heap import reuse_freed_heap
 from .head import VARIANTS, FusionHead, rotate_flip, unrotate_flip
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
+# backbone windows one inference may cost by default: the work of a square 64-megapixel image at the shipped
+# recipe with 8 test-time variants (minutes on a 2-core CPU)
+MAX_WINDOWS = 2048
 DEFAULT_HEAD = "default"  # the shipped model folder (default backbone + a head trained on MoNuSeg)
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "model"
 
@@ -136,7 +139,6 @@ class TextDiffModel(torch.nn.Module):
         """Build with a fresh head; frozen parts are loaded (or shared from the process cache) unless given.
         ``seed``: the head's initialisation (else the global RNG's state, which depends on what ran before)."""
         device = torch.device(device or default_device())
-        reuse_freed_heap()  # every model does tens of multi-MB allocations per forward (heap.py)
 
         def features_of(backbone) -> DiffusionFeatures:
             return DiffusionFeatures(backbone, config.blocks, config.steps, config.noise_seed, config.precision,
@@ -189,9 +191,10 @@ class TextDiffModel(torch.nn.Module):
         trained_on = config.backbone_fingerprint
         model = cls.build(config, device, unet, encoder)
         if trained_on and trained_on != model.config.backbone_fingerprint:
-            import warnings
-            warnings.warn(f"backbone {model.config.backbone!r} differs from the one this model was trained with "
-                          f"(fingerprint {model.config.backbone_fingerprint} != {trained_on}); results may be off")
+            # a head on another backbone's features segments nonsense: refuse rather than serve it
+            raise ValueError(f"{model_dir}: backbone {model.config.backbone!r} is not the one this head was trained "
+                             f"on (fingerprint {model.config.backbone_fingerprint} != {trained_on}); train the head "
+                             "again on this backbone, or point the model at the backbone it was trained on")
         state = load_file(str(model_dir / (config.weights or "head.safetensors")))
         try:
             model.head.load_state_dict(state)
@@ -207,6 +210,10 @@ class TextDiffModel(torch.nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         digest = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in state.values())).hexdigest()[:12]
         weights = f"head-{digest}.safetensors"
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a diverged run (NaN/inf weights) must never replace a working model
+            raise ValueError(f"refusing to save a head with non-finite weights ({', '.join(bad[:3])}); "
+                             "lower the learning rate")
         _atomic_write(model_dir / weights, lambda p: save_file(state, str(p)))
         self.config.weights = weights
         _atomic_write(model_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
@@ -248,6 +255,17 @@ class TextDiffModel(torch.nn.Module):
         if count is not None:
             self.config.test_time_variants = check_test_time_variants(count)
         return self
+
+    def work_windows(self, image: Image) -> int:
+        """Backbone windows that predicting ``image`` runs: slices x tiles x test-time variants. Pixels alone miss
+        padding: a 2,000,000 x 1 image has 2 MP but needs thousands of tiles."""
+        c = self.config
+        slices, shape = (image.array.shape[0], image.array.shape[1:3]) if image.is_volume else (1, image.array.shape[:2])
+        size_hw = tuple(max(1, round(n * c.scale)) for n in shape)
+        padded, roi, _ = preprocess.tile_layout(size_hw, c.window, c.tile, self.features.multiple)
+        step = [max(1, int(r * (1 - c.overlap))) for r in roi]
+        tiles = math.prod(math.ceil(max(p - r, 0) / s) + 1 for p, r, s in zip(padded, roi, step))
+        return slices * tiles * c.test_time_variants
 
     def prepare(self, plane: np.ndarray, value_range=None) -> torch.Tensor:
         return preprocess.prepare(plane, self.features.in_channels, self.config.scale, value_range)

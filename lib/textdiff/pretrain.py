@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,3 +213,37 @@ def pretrain(config: PretrainConfig, resume: bool = False, progress: bool = True
     save(final=step >= config.steps)
     distributed.teardown()
     return out
+
+
+BACKBONE_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "recipe.json")
+
+
+def publish_backbone(work: str | Path, versions: str | Path) -> Path:
+    """Copy the backbone that ``pretrain`` keeps rewriting in ``work`` into a new, never-changed folder
+    ``versions/NNNN`` (written aside, then renamed into place: readers see all of it or nothing). Heads name that
+    folder, so a later pretraining never changes the features a published head reads."""
+    work, versions = Path(work), Path(versions)
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=versions))
+    try:
+        for name in BACKBONE_FILES:
+            shutil.copy2(work / name, staging / name)
+        while True:
+            target = versions / f"{len(published_backbones(versions)) + 1:04d}"
+            try:
+                os.rename(staging, target)  # fails if another publisher took the number: take the next
+                return target
+            except OSError:
+                if not target.exists():
+                    raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def published_backbones(versions: str | Path) -> list[Path]:
+    """The complete versions in ``versions``, oldest first."""
+    folder = Path(versions)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.isdigit() and (p / "config.json").is_file())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 DEFAULT_TEXT_ENCODER = "default"
+CACHE_REPORTS = 1024  # report embeddings kept per encoder (64 tokens x 384 floats: ~0.1 MB each)
 DEFAULT_MAX_TOKENS = 64  # MoNuSeg/QaTa sentences are 12-30 word pieces; the reference cut them at 10
 MAX_REPORT_CHARS = 4000  # longer reports are cut before tokenising (the token budget keeps far less anyway)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -69,7 +71,8 @@ class ReportEncoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_tokens = int(max_tokens)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # least recently used reports are dropped past CACHE_REPORTS: a server sees an unbounded stream of reports
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @classmethod
     def load(cls, source: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> "ReportEncoder":
@@ -106,25 +109,22 @@ class ReportEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     @torch.inference_mode()
     def embed(self, report: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tokens (L, D) float32 on CPU, mask (L,) bool); None for an empty/absent report."""
         text = clean_report(report)
         if text is None:
             return None
-        if text not in self._cache:
-            batch = self.tokenizer(text, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state[0].float().cpu()
-            self._cache[text] = (hidden, batch["attention_mask"][0].bool().cpu())
+        if text in self._cache:
+            self._cache.move_to_end(text)
+            return self._cache[text]
+        batch = self.tokenizer(text, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state[0].float().cpu()
+        self._cache[text] = (hidden, batch["attention_mask"][0].bool().cpu())
+        while len(self._cache) > CACHE_REPORTS:
+            self._cache.popitem(last=False)
         return self._cache[text]
-
-    def embed_batch(self, reports: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (B, L, D) tokens and (B, L) mask; a sample without a report gets an all-False mask."""
-        return collate_tokens([self.embed(r) for r in reports], self.dim)
 
 
 def collate_tokens(items: list[tuple[torch.Tensor, torch.Tensor] | None], dim: int):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from textdiff.data import MAX_PIXELS
-from textdiff.model import DEFAULT_HEAD, check_test_time_variants
+from textdiff.model import DEFAULT_HEAD, MAX_WINDOWS, check_test_time_variants
 
 
 def _bool(text: str) -> bool:
@@ -18,6 +19,15 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """Comma-separated origins (scheme://host[:port]); '*' is refused: the server takes uploads and trains."""
+    origins = tuple(o.strip().rstrip("/") for o in str(text).split(",") if o.strip())
+    for origin in origins:
+        if origin == "*" or not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", origin):
+            raise ValueError(f"{origin!r} is not an origin like https://viewer.example.org (no wildcard)")
+    return origins
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,11 @@ class AppSettings:
     max_report_chars: int = 4000
     val_fraction: float = 0.2  # held out for model selection once there are >= 3 labels
     test_time_variants: int | None = None  # flips/rotations averaged by infer and scoring; None = the model's
+    max_infer_windows: int = MAX_WINDOWS  # backbone windows one request may cost (slices x tiles x variants)
+    max_upload_mb: int = 1024  # largest uploaded image or label
+    cors_origins: tuple[str, ...] = ()  # web pages allowed to call the server from a browser; () = none
+    allow_remote: bool = False  # serve a non-loopback address without MONAI Label authentication
+    heap_tuning: bool = False  # glibc heap thresholds for this process (textdiff.heap): faster, holds more memory
 
     # conf key -> (field, parser). Every key is documented in the README.
     KEYS = {
@@ -45,6 +60,9 @@ class AppSettings:
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
         "test_time_variants": ("test_time_variants", lambda s: check_test_time_variants(int(s))),
+        "max_infer_windows": ("max_infer_windows", int), "max_upload_mb": ("max_upload_mb", int),
+        "cors_origins": ("cors_origins", _origins), "allow_remote": ("allow_remote", _bool),
+        "heap_tuning": ("heap_tuning", _bool),
     }
     IGNORED = {"server_mode", "preload", "skip_scoring", "skip_strategies", "skip_trainers"}
 
@@ -62,8 +80,11 @@ class AppSettings:
             except ValueError as error:
                 raise ValueError(f"--conf {key} {raw!r}: {error}") from None
         settings = cls(**values)
-        if settings.epochs < 1:
-            raise ValueError("--conf epochs must be >= 1")
+        for key in ("epochs", "max_image_pixels", "max_report_chars", "max_infer_windows", "max_upload_mb"):
+            if getattr(settings, key) < 1:
+                raise ValueError(f"--conf {key} must be >= 1")
+        if not 0 <= settings.val_fraction < 1 or (settings.scale is not None and not 0.01 <= settings.scale <= 4):
+            raise ValueError("--conf val_fraction must be in [0, 1) and scale in [0.01, 4]")
         return settings
 
     def replace(self, **changes) -> "AppSettings":

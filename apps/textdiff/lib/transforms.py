@@ -19,19 +19,6 @@ def bad_request(message: str) -> HTTPException:
     return HTTPException(status_code=400, detail=message)
 
 
-def request_number(request: dict, key: str, default, kind=float, minimum=None):
-    """A numeric train option from a request: a 400 naming the option, never a traceback, for text or a value
-    below its minimum (e.g. {"max_steps": "lots"} or {"minutes": -1})."""
-    raw = request.get(key, default)
-    try:
-        value = kind(raw)
-    except (TypeError, ValueError):
-        raise bad_request(f"{key} must be a number, not {raw!r}") from None
-    if minimum is not None and value < minimum:
-        raise bad_request(f"{key} must be >= {minimum}, not {raw!r}")
-    return value
-
-
 def load_image(path: str, max_pixels: int):
     """Engine image (pixels + geometry); unreadable input becomes a 400 that says why."""
     try:

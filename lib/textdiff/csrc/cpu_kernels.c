@@ -189,27 +189,37 @@ INLINE void input_grad_block(int fp32, int64_t C, const void *x, const void *dy,
         BODY                                                                                        \
     }
 
-/* A pass that sums per sample and channel into out (N, 2, C): per-thread double accumulators, merged at the end. */
-#define PARALLEL_SUMS(CALL)                                                                \
-    memset(out, 0, sizeof(double) * N * 2 * C);                                            \
-    _Pragma("omp parallel num_threads(threads)") {                                        \
-        double *sums = calloc(N * 2 * C, sizeof(double));                                  \
-        float *s = malloc(sizeof(float) * C), *q = malloc(sizeof(float) * C);              \
-        FOR_EACH_BLOCK(double *acc = sums + n * 2 * C; SPECIALISED(CALL))                  \
-        _Pragma("omp critical") for (int64_t i = 0; i < N * 2 * C; i++) out[i] += sums[i]; \
-        free(sums);                                                                        \
-        free(s);                                                                           \
-        free(q);                                                                           \
-    }
+/* A pass that sums per sample and channel into out (N, 2, C): per-thread double accumulators, merged at the end.
+ * Returns 0, or -1 when a thread's scratch could not be allocated (out is then not valid; no thread skips the
+ * work-sharing loop, so the team never deadlocks). */
+#define PARALLEL_SUMS(CALL)                                                                    \
+    int failed = 0;                                                                            \
+    memset(out, 0, sizeof(double) * N * 2 * C);                                                \
+    _Pragma("omp parallel num_threads(threads)") {                                            \
+        double *sums = calloc(N * 2 * C, sizeof(double));                                      \
+        float *s = malloc(sizeof(float) * C), *q = malloc(sizeof(float) * C);                  \
+        int ok = sums && s && q;                                                               \
+        if (!ok) {                                                                             \
+            _Pragma("omp atomic write") failed = 1;                                            \
+        }                                                                                      \
+        FOR_EACH_BLOCK(if (ok) { double *acc = sums + n * 2 * C; SPECIALISED(CALL) })          \
+        if (ok) {                                                                              \
+            _Pragma("omp critical") for (int64_t i = 0; i < N * 2 * C; i++) out[i] += sums[i]; \
+        }                                                                                      \
+        free(sums);                                                                            \
+        free(s);                                                                               \
+        free(q);                                                                               \
+    }                                                                                          \
+    return failed ? -1 : 0;
 
 /* The exported entry points. threads: PyTorch's intra-op thread count (a thread of its own would not inherit it);
  * fp32: the maps' type (else bf16). */
-void textdiff_gn_moments(int threads, int fp32, const void *x, int64_t N, int64_t P, int64_t C, double *out) {
+int textdiff_gn_moments(int threads, int fp32, const void *x, int64_t N, int64_t P, int64_t C, double *out) {
 #define MOMENTS(FP32, WIDTH) moments_block(FP32, WIDTH, x, first, count, s, q, acc)
     PARALLEL_SUMS(MOMENTS)
 }
 
-void textdiff_gn_gelu_backward_sums(int threads, int fp32, const void *x, const void *gz, const float *scale,
+int textdiff_gn_gelu_backward_sums(int threads, int fp32, const void *x, const void *gz, const float *scale,
                                     const float *shift, int64_t N, int64_t P, int64_t C, void *dy, double *out) {
 #define BACKWARD_SUMS(FP32, WIDTH) \
     backward_sums_block(FP32, WIDTH, x, gz, scale + n * C, shift + n * C, dy, first, count, s, q, acc)

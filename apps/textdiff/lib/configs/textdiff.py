@@ -25,7 +25,7 @@ class TextDiffConfig(TaskConfig):
                                          "TextDiff: segmentation guided by the image's report")}
 
     def trainer(self):
-        return TextDiffTrain(self.store, self.settings, self.pretrainer().out)
+        return TextDiffTrain(self.store, self.settings, self.pretrainer().latest)
 
     def pretrainer(self):
         return TextDiffPretrain(self.settings)

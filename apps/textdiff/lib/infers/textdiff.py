@@ -48,6 +48,10 @@ class TextDiffInfer(BasicInferTask):
 
     def _load(self, data: dict[str, Any]) -> dict[str, Any]:
         data["image"] = load_image(data["image_path"], self.settings.max_image_pixels)
+        windows = self.store.current().work_windows(data["image"])
+        if windows > self.settings.max_infer_windows:  # thin or many-sliced images cost more than their pixels say
+            raise bad_request(f"this image needs {windows} backbone windows (slices x tiles x test-time variants); "
+                              f"the limit is {self.settings.max_infer_windows} (--conf max_infer_windows)")
         data["output_format"] = output_format(data, data["image"].is_volume)  # refused before any inference
         report, source = resolve_report(data.get("report"), stored_report(self.datastore(), data.get("image_id")),
                                         self.settings.max_report_chars)

@@ -1,7 +1,9 @@
 """Second trainer: adapt the diffusion backbone to the datastore's own (unlabeled) images by DDPM pretraining.
 
-Heads trained afterwards by the ``textdiff`` trainer use the adapted backbone (unless ``--conf backbone`` names
-another); the model being served keeps its own backbone until a head trained on the new one is published.
+Each run continues the work folder (checkpoints, resumable) and then publishes a new, never-changed version
+(``backbones/NNNN``, renamed into place). Heads trained afterwards by the ``textdiff`` trainer use the newest
+version (unless ``--conf backbone`` names another) and name it in their config; the model being served keeps its
+own backbone version until a head trained on the new one is published.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import logging
 from monailabel.interfaces.tasks.train import TrainTask
 
 from textdiff.model import resolve_model_dir
-from textdiff.pretrain import PretrainConfig, pretrain
+from textdiff.pretrain import PretrainConfig, pretrain, publish_backbone, published_backbones
 
 from ..settings import AppSettings
-from ..transforms import bad_request, request_number
+from ..security import bounded
+from ..transforms import bad_request
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +28,17 @@ class TextDiffPretrain(TrainTask):
         self.settings = settings
 
     @property
-    def out(self):
-        return self.settings.model_dir.parent / "backbone"
+    def work(self):
+        return self.settings.model_dir.parent / "backbone-work"
+
+    @property
+    def versions(self):
+        return self.settings.model_dir.parent / "backbones"
+
+    def latest(self):
+        """The newest published backbone version, or None."""
+        versions = published_backbones(self.versions)
+        return versions[-1] if versions else None
 
     def config(self):
         # start_from "model": adapt the backbone the heads use now (what a campaign wants); "random": from scratch
@@ -46,19 +58,19 @@ class TextDiffPretrain(TrainTask):
         images = sorted({datastore.get_image_uri(i) for i in datastore.list_images()})
         if not images:
             raise ValueError("the datastore holds no images")
-        config = PretrainConfig(images=images, out=str(self.out),
-                                size=request_number(request, "crop_size", 128, int, 8),
-                                scale=[request_number(request, "scale", 1.0, float, 0.01)],
-                                steps=request_number(request, "max_steps", 20000, int, 1),
-                                minutes=request_number(request, "minutes", 30.0, float, 0.0),
+        config = PretrainConfig(images=images, out=str(self.work),
+                                size=bounded(request, "crop_size", 128, int, 8, 1024),
+                                scale=[bounded(request, "scale", 1.0, float, 0.01, 4.0)],
+                                steps=bounded(request, "max_steps", 20000, int, 1, 10_000_000),
+                                minutes=bounded(request, "minutes", 30.0, float, 0.0, 7 * 24 * 60),
                                 init=self.starting_backbone(str(request.get("start_from", "model"))))
         # resumes from the last checkpoint: a campaign can pretrain in several sittings
         pretrain(config, resume=True, progress=False)
-        return {"backbone": str(self.out), **self.stats()}
+        return {"backbone": str(publish_backbone(self.work, self.versions)), **self.stats()}
 
     def stats(self):
-        recipe = self.out / "recipe.json"
-        if not recipe.is_file():
+        latest = self.latest()  # published versions never change: /info/ cannot read a half-written file
+        if latest is None:
             return {}
-        data = json.loads(recipe.read_text())
-        return {k: data[k] for k in ("step", "wall_s", "final") if k in data}
+        data = json.loads((latest / "recipe.json").read_text())
+        return {"backbone": latest.name} | {k: data[k] for k in ("step", "wall_s", "final") if k in data}

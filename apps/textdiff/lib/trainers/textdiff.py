@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
@@ -15,17 +16,18 @@ from textdiff.train import TrainConfig, train
 
 from ..model_store import ModelStore
 from ..settings import AppSettings
-from ..transforms import bad_request, labeled_samples, request_number
+from ..security import bounded
+from ..transforms import bad_request, labeled_samples
 
 logger = logging.getLogger(__name__)
 
 
 class TextDiffTrain(TrainTask):
-    def __init__(self, store: ModelStore, settings: AppSettings, adapted_backbone: Path):
+    def __init__(self, store: ModelStore, settings: AppSettings, adapted_backbone: Callable[[], Path | None]):
         super().__init__("Train the TextDiff fusion head on the labeled images and their reports")
         self.store = store
         self.settings = settings
-        self.adapted_backbone = adapted_backbone  # written by the textdiff_pretrain trainer, if it ran
+        self.adapted_backbone = adapted_backbone  # the newest version the textdiff_pretrain trainer published, if any
 
     def config(self):
         return {"max_epochs": self.settings.epochs, "learning_rate": 1e-3, "seed": 0}
@@ -42,8 +44,9 @@ class TextDiffTrain(TrainTask):
         # else the fingerprint stays: it names which shipped default the initial model was trained on (the default
         # changed once), so new heads use the backbone that is being served, not a newer one
         backbone = self.settings.backbone
-        if backbone == "default" and (self.adapted_backbone / "config.json").is_file():
-            backbone = str(self.adapted_backbone)
+        adapted = self.adapted_backbone()
+        if backbone == "default" and adapted is not None:
+            backbone = str(adapted)
         if backbone != "default" and backbone != config.backbone:
             changes |= dict(backbone=backbone, blocks=None, backbone_fingerprint=None)  # another UNet: its own blocks
         if self.settings.scale is not None:
@@ -61,9 +64,9 @@ class TextDiffTrain(TrainTask):
             train_samples, val_samples = samples[:-n_val], samples[-n_val:]
         else:
             train_samples, val_samples = samples, []
-        epochs = request_number(request, "max_epochs", self.settings.epochs, int, 1)
-        config = TrainConfig(epochs=epochs, lr=request_number(request, "learning_rate", 1e-3, float, 0.0),
-                             seed=request_number(request, "seed", 0, int),
+        epochs = bounded(request, "max_epochs", self.settings.epochs, int, 1, 10_000)
+        config = TrainConfig(epochs=epochs, lr=bounded(request, "learning_rate", 1e-3, float, 1e-7, 1.0),
+                             seed=bounded(request, "seed", 0, int, 0, 2**31 - 1),
                              cache_dir=str(self.settings.model_dir.parent / "feature-cache"))
         logger.info(f"training on {len(train_samples)} labeled images, validating on {len(val_samples)}")
         gpus = torch.cuda.device_count()
