@@ -147,7 +147,6 @@ FIRST_BACKBONE = "edba7b9af283"  # the first shipped backbone (EMA at step 1200)
 # the backbone each dataset's curves and ablations are made on (a name --backbone takes). COVID-QU-Ex's moved from
 # the first, CPU-pretrained default to the GPU-pretrained default on 2026-11-27; its ~30 TextDiff runs (~65-115 min
 # each on one core in fp32, ~30-45 with native bf16, whatever the label count: the step budget is fixed) were redone
-# over sessions 17-22
 RESULTS_BACKBONE = {"monuseg": "default", "covid": "default"}
 # ablation name suffix -> the backbone it runs on; a dataset runs those that differ from its results backbone
 BACKBONE_ABLATIONS = {"default-backbone": "default", "cpu-backbone": "he-cxr-cpu", "random-init": "random"}
@@ -175,7 +174,7 @@ def epochs_for(dataset: str, n: int) -> int:
 def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, epochs=None, gallery=0,
                  text_dropout=None, work_dir=None, **model_kw) -> dict:
     """``work_dir``: train there, leaving a training state after every epoch, and resume from one found there (a
-    1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped session loses one epoch, not the run)."""
+    1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped run loses one epoch, not the run)."""
     from textdiff.evaluate import evaluate
     from textdiff.model import ModelConfig, TextDiffModel
     from textdiff.train import TrainConfig, train
@@ -187,7 +186,7 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
         model_kw["text_encoder"] = str(fetch_text_encoder.ensure_mpnet())
     config = ModelConfig(backbone=backbone, use_text=use_text, scale=model_kw.pop("scale", scale_of(dataset)),
                          labels={"background": 0, "lesion" if dataset == "covid" else "nucleus": 1}, **model_kw)
-    model = TextDiffModel.build(config, seed=seed)  # from session 26; before, the init hung on the runs before it
+    model = TextDiffModel.build(config, seed=seed)  # the head's init depends on the seed alone
     epochs = epochs or epochs_for(dataset, len(chosen))
     start = time.time()
     with tempfile.TemporaryDirectory() as temporary:
@@ -300,20 +299,20 @@ def plan(only: str | None, seeds=SEEDS):
              ("monuseg-ablation-upsampler-output", run_textdiff, at, {"upsampler_input": False}),
              ("monuseg-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
              ("monuseg-ablation-blocks-4-5", run_textdiff, at, {"blocks": [4, 5]})]
-    at = ("covid", ABLATION_POINT["covid"], 0)  # session 23: blocks on chest X-rays, whose lesions are coarse
+    at = ("covid", ABLATION_POINT["covid"], 0)  # blocks on chest X-rays, whose lesions are coarse
     runs += [("covid-ablation-blocks-0-1-2-3-4-5", run_textdiff, at, {"blocks": [0, 1, 2, 3, 4, 5]}),
              ("covid-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
              ("covid-ablation-blocks-0-2", run_textdiff, at, {"blocks": [0, 2]}),
              ("covid-ablation-blocks-0-2-text-every-scale", run_textdiff, at, {"blocks": [0, 2], "text_min_stride": 1})]
-    # session 25: the best block choice at 300 labels, at the 1500 labels of #4's target (where seeds differ by ~0.001)
+    # the best block choice at 300 labels, at 1500 labels (where seeds differ by ~0.001)
     runs += [(ablation_name("covid", "blocks-0-2", 1500), run_textdiff, ("covid", 1500, 0), {"blocks": [0, 2]})]
-    # session 26: the two training levers left at 1500 labels (runs end still improving; half the windows train
+    # the two training levers left at 1500 labels (runs end still improving; half the windows train
     # without their report, which on COVID-QU-Ex's mask-derived reports may waste the text's signal)
     at = ("covid", 1500, 0)
     runs += [(ablation_name("covid", "blocks-0-2-epochs-24", 1500), run_textdiff, at, {"blocks": [0, 2], "epochs": 24}),
              (ablation_name("covid", "blocks-0-2-text-dropout-0.1", 1500), run_textdiff, at,
               {"blocks": [0, 2], "text_dropout": 0.1}),
-             # how far the step budget goes (~2.5 h of one-thread CPU epochs: resumes across sessions)
+             # how far the step budget goes (~2.5 h of one-thread CPU epochs: resumable)
              (ablation_name("covid", "blocks-0-2-epochs-48", 1500), run_textdiff, at, {"blocks": [0, 2], "epochs": 48})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
@@ -502,7 +501,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
         lines += [f"| {name} | {_cell(stale, name)} | {', '.join(stale_reasons(stale[name], name))} |"
                   for name in sorted(stale)]
     lines += ["", "## Recipe", "",
-              "TextDiff runs: the recipe of the model shipped until session 32 (default blocks with upsampler inputs, the clean",
+              "TextDiff runs: the scale-0.5 recipe (default blocks with upsampler inputs, the clean",
               "image as one more input, report attention told where each token lies in the image, steps 50/150/250, 256 px tiles",
               "and windows; U-Net: MONAI UNet 16-256 channels, "
               f"{UNET_STEPS['monuseg']} (MoNuSeg) / {UNET_STEPS['covid']} (COVID-QU-Ex) steps",
@@ -510,7 +509,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
               "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; a budget of "
               f"{STEP_BUDGET['monuseg']} (MoNuSeg) / {STEP_BUDGET['covid']} (COVID-QU-Ex)",
               "optimizer steps of 4 windows whatever the number of labels (at least 10 epochs; validation every",
-              "epochs // 10), best validation selected on the evaluation set (as the issue asks). Each run's JSON in",
+              "epochs // 10), best validation selected on the evaluation set. Each run's JSON in",
               "`docs/results/runs/` holds its epochs, best epoch, wall time and (files written since 2026-11-27) the machine",
               "and precision it ran on (a CPU without native bf16 runs in fp32, ~3x slower); a best epoch equal to the last one means",
               "the run was still improving. `*-ablation-text-mpnet`: the report encoder is all-mpnet-base-v2 (768-d,",

@@ -573,13 +573,13 @@ def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir,
         loaded = TextDiffModel.load(tmp_path / "m", "cpu")
     assert loaded.config.backbone == "old"
     torch.testing.assert_close(loaded.predict_proba(image, "dense nuclei"), before)
-    # a new model gets the new default; a head whose backbone is shipped no more still loads, with a warning
+    # a new model gets the new default; a head whose backbone is shipped no more is refused (it would segment nonsense)
     fresh = ModelConfig.from_dict({**config.to_dict(), "backbone_fingerprint": None})
     assert TextDiffModel.build(fresh, "cpu").features.fingerprint() != loaded.features.fingerprint()
     import shutil
 
     shutil.rmtree(shipped / "old")
-    with pytest.warns(UserWarning, match="differs from the one this model was trained with"):
+    with pytest.raises(ValueError, match="not the one this head was trained on"):
         TextDiffModel.load(tmp_path / "m", "cpu")
     with warnings.catch_warnings():  # a fresh head from that recipe has nothing to mismatch
         warnings.simplefilter("error", UserWarning)

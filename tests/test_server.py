@@ -111,3 +111,15 @@ def test_slicer_sequence_against_real_server(tmp_path, tiny_model, lvit_folder):
         log.close()
         if server.returncode not in (0, -15, None):
             print((tmp_path / "server.log").read_text()[-5000:])
+
+
+@pytest.mark.slow
+def test_hostile_probe_suite_gets_nothing_through(tmp_path, tiny_model):
+    """scripts/hostile_probe.py against a real server serving a tiny model: every probe refused, RSS flat over
+    distinct reports, /info/ answered during a long inference."""
+    tiny_model.save(tmp_path / "tiny")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "hostile_probe.py"), "--model", str(tmp_path / "tiny"),
+                             "--reports", "300", "--long-side", "1200"], capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "GOT THROUGH" not in result.stdout and "0 failed" in result.stdout

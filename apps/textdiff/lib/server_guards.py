@@ -5,7 +5,7 @@ path or save the prediction as the annotator's label, the CORS policy echoes any
 the model on the event loop (nothing else is answered meanwhile). ``install`` replaces, on the running FastAPI
 app, the routes that take files (infer, image and label uploads) with checked ones that run in worker threads,
 refuses the routes this app does not offer (WSI infer, model-file upload, sessions), and sets the CORS policy
-from ``--conf cors_origins`` (none by default). The datastore checks ids, tags and paths again below the routes.
+from ``--conf cors_origins`` (none by default). Ids, tags and paths are checked by the datastore, below every route.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
-from .security import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_infer_params, check_name, split_extension
+from .security import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_infer_params, split_extension
 from .settings import AppSettings
 from .transforms import bad_request, parse_params
 
@@ -102,7 +102,7 @@ def guarded_routes(settings: AppSettings):
             if file is not None:
                 source = _removing(cleanup, receive_upload(file, IMAGE_EXTENSIONS, max_bytes, "uploaded image"))
             elif image:
-                source = check_name(image, "image id")
+                source = image  # TextDiffApp.infer takes datastore ids only
             else:
                 raise bad_request("give a datastore image id (?image=ID) or upload an image file")
             config = instance.info().get("config", {}).get("infer", {})
@@ -113,7 +113,7 @@ def guarded_routes(settings: AppSettings):
     def add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...),
                   user: User = Depends(RBAC(ROLE_ANNOTATOR))):
         stem, _ = split_extension(file.filename, IMAGE_EXTENSIONS, "uploaded image")
-        image_id = check_name(image or stem, "image id")
+        image_id = image or stem  # checked by the datastore, as every id and tag
         info = parse_params(params)
         with ExitStack() as cleanup:
             path = _removing(cleanup, receive_upload(file, IMAGE_EXTENSIONS, max_bytes, "uploaded image"))
@@ -121,8 +121,6 @@ def guarded_routes(settings: AppSettings):
 
     def save_label(image: str, params: str = Form("{}"), tag: str = "final", label: UploadFile = File(...),
                    user: User = Depends(RBAC(ROLE_ANNOTATOR))):
-        check_name(image, "image id")
-        check_name(tag or "final", "label tag")
         info = parse_params(params)
         instance = app_instance()
         with ExitStack() as cleanup:
