@@ -265,19 +265,22 @@ def test_datastore_index_is_replaced_atomically(client, monkeypatch):
     assert not [p for p in client.studies.iterdir() if p.name.startswith(".datastore.")]
 
 
-def test_non_loopback_without_authentication_refuses_to_start(tmp_path, monkeypatch):
+def test_a_named_network_address_without_authentication_refuses_to_start(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(APP_DIR))
-    from lib.security import bound_host, check_exposure
+    from lib.security import bound_host, exposure
 
-    assert bound_host(["monailabel", "start_server", "--app", "a"]) == "0.0.0.0"  # MONAI Label's own default
-    assert bound_host(["monailabel", "start_server", "--host", "127.0.0.1"]) == "127.0.0.1"
+    assert bound_host(["monailabel", "start_server", "--app", "a"]) == ("0.0.0.0", False)  # MONAI Label's default
+    assert bound_host(["monailabel", "start_server", "--host", "127.0.0.1"]) == ("127.0.0.1", True)
     assert bound_host(["python", "-m", "monailabel.interfaces.utils.app"]) is None  # train/scoring subprocess
     for host in ("127.0.0.1", "::1", "localhost"):
-        check_exposure(host, auth_enabled=False, allow_remote=False)
+        assert exposure((host, True), auth_enabled=False, allow_remote=False) == "open"
     with pytest.raises(RuntimeError, match="--host 127.0.0.1"):
-        check_exposure("0.0.0.0", auth_enabled=False, allow_remote=False)
-    check_exposure("0.0.0.0", auth_enabled=True, allow_remote=False)
-    check_exposure("0.0.0.0", auth_enabled=False, allow_remote=True)
+        exposure(("0.0.0.0", True), auth_enabled=False, allow_remote=False)
+    with pytest.raises(RuntimeError, match="refusing to serve on 192.168.1.5"):
+        exposure(("192.168.1.5", True), auth_enabled=False, allow_remote=False)
+    assert exposure(("0.0.0.0", True), auth_enabled=True, allow_remote=False) == "open"
+    assert exposure(("0.0.0.0", True), auth_enabled=False, allow_remote=True) == "open"
+    assert exposure(("0.0.0.0", False), auth_enabled=False, allow_remote=False) == "loopback-clients"
 
     # the app itself refuses, before anything is served
     import importlib.util
@@ -289,6 +292,22 @@ def test_non_loopback_without_authentication_refuses_to_start(tmp_path, monkeypa
     (tmp_path / "studies").mkdir()
     with pytest.raises(RuntimeError, match="refusing to serve on 0.0.0.0"):
         main.TextDiffApp(str(APP_DIR), str(tmp_path / "studies"), {})
+
+
+def test_the_default_wide_bind_serves_this_machine_only(client):
+    """`monailabel start_server` without --host binds 0.0.0.0: the app then answers loopback clients only."""
+    from lib import server_guards
+    from lib.settings import AppSettings
+    from monailabel.app import app
+
+    assert client.get("/info/").status_code == 200
+    server_guards.install(app, AppSettings.from_conf({}, client.tmp), loopback_clients_only=True)
+    refused = client.get("/info/")  # the test client's address is "testclient", not a loopback address
+    assert refused.status_code == 403 and "allow_remote" in refused.json()["detail"]
+    assert client.put("/datastore/image?image=x", files={"file": ("x.png", png_bytes())}).status_code == 403
+    assert not (client.studies / "x.png").exists()
+    server_guards.install(app, AppSettings.from_conf({}, client.tmp))  # as the next app built in this process
+    assert client.get("/info/").status_code == 200
 
 
 def test_report_embeddings_are_bounded(tiny_model, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from lib import server_guards
-from lib.security import bound_host, check_exposure, check_name
+from lib.security import bound_host, check_name, exposure
 from lib.configs.textdiff import TextDiffConfig
 from lib.datastore import ValidatingDatastore
 from lib.settings import AppSettings
@@ -31,7 +31,7 @@ class TextDiffApp(MONAILabelApp):
             os.environ["PYTHONPATH"] = os.pathsep.join(paths + [app_dir])
         # everything the init_* hooks use must exist before MONAILabelApp.__init__ calls them
         self.settings = AppSettings.from_conf(conf, app_dir)
-        check_exposure(bound_host(), server_settings.MONAI_LABEL_AUTH_ENABLE, self.settings.allow_remote)
+        self.exposure = exposure(bound_host(), server_settings.MONAI_LABEL_AUTH_ENABLE, self.settings.allow_remote)
         if self.settings.heap_tuning:
             from textdiff.heap import reuse_freed_heap
 
@@ -40,7 +40,8 @@ class TextDiffApp(MONAILabelApp):
         self.task.init(MODEL, str(self.settings.model_dir), conf, None, settings=self.settings,
                        datastore=lambda: self._datastore)
         if "monailabel.app" in sys.modules:  # the HTTP server (not the train/scoring subprocess, which has none)
-            server_guards.install(sys.modules["monailabel.app"].app, self.settings)
+            server_guards.install(sys.modules["monailabel.app"].app, self.settings,
+                                  loopback_clients_only=self.exposure == "loopback-clients")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TextDiff",
                          description="Report-guided, label-efficient segmentation (TextDiff, MICCAI 2024)",
                          labels=self.task.store.label_names())

@@ -75,17 +75,18 @@ def bounded(request: dict, key: str, default, kind, low, high):
     return value
 
 
-def bound_host(argv: list[str] | None = None) -> str | None:
-    """The address ``monailabel start_server`` binds (its default 0.0.0.0), or None outside start_server."""
+def bound_host(argv: list[str] | None = None) -> tuple[str, bool] | None:
+    """(address, given explicitly) that ``monailabel start_server`` binds, or None outside start_server. Without
+    ``--host`` it binds MONAI Label's default, 0.0.0.0."""
     argv = sys.argv if argv is None else argv
     if "start_server" not in argv:
         return None
     for i, arg in enumerate(argv):
         if arg in ("--host", "-i") and i + 1 < len(argv):
-            return argv[i + 1]
+            return argv[i + 1], True
         if arg.startswith("--host="):
-            return arg.split("=", 1)[1]
-    return "0.0.0.0"
+            return arg.split("=", 1)[1], True
+    return "0.0.0.0", False
 
 
 def is_loopback(host: str) -> bool:
@@ -97,11 +98,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str | None, auth_enabled: bool, allow_remote: bool) -> None:
-    """Refuse to serve beyond this machine without authentication, unless the user said so."""
-    if host is None or is_loopback(host) or auth_enabled or allow_remote:
-        return
+def exposure(bound: tuple[str, bool] | None, auth_enabled: bool, allow_remote: bool) -> str:
+    """How the server may be reached: "open" (loopback bind, authentication, or the user accepted it),
+    "loopback-clients" (MONAI Label's implicit 0.0.0.0 bind: served, but only to this machine). An address the user
+    named without authentication refuses to start."""
+    if bound is None or is_loopback(bound[0]) or auth_enabled or allow_remote:
+        return "open"
+    if not bound[1]:
+        return "loopback-clients"
     raise RuntimeError(
-        f"refusing to serve on {host}: anyone who reaches it could upload, label and train without logging in. "
+        f"refusing to serve on {bound[0]}: anyone who reaches it could upload, label and train without logging in. "
         "Bind this machine only (--host 127.0.0.1), turn on MONAI Label authentication (MONAI_LABEL_AUTH_ENABLE=true "
         "with a Keycloak realm), or accept the exposure with --conf allow_remote true")
+
+
+class LoopbackClientsOnly:
+    """ASGI wrapper: HTTP requests from other machines get a 403 that says how to open the server."""
+
+    MESSAGE = (b'{"detail": "this server answers this machine only: start it with MONAI Label authentication '
+               b'(MONAI_LABEL_AUTH_ENABLE=true) or --conf allow_remote true to serve other machines"}')
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        client = scope.get("client") or ("", 0)
+        if scope["type"] in ("http", "websocket") and not is_loopback(str(client[0])):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": self.MESSAGE})
+            return
+        await self.app(scope, receive, send)

@@ -26,7 +26,7 @@ from monailabel.endpoints import infer as infer_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
-from .security import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, check_infer_params, split_extension
+from .security import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, LoopbackClientsOnly, check_infer_params, split_extension
 from .settings import AppSettings
 from .transforms import bad_request, parse_params
 
@@ -136,8 +136,9 @@ def guarded_routes(settings: AppSettings):
             + [(method, path, refused) for method, path in REFUSED_ROUTES])
 
 
-def install(fastapi_app, settings: AppSettings) -> None:
-    """Replace the routes (idempotent: an app rebuilt by /reload installs again over its own) and the CORS policy."""
+def install(fastapi_app, settings: AppSettings, loopback_clients_only: bool = False) -> None:
+    """Replace the routes (idempotent: an app rebuilt by /reload installs again over its own), set the CORS policy,
+    and with ``loopback_clients_only`` answer other machines with a 403."""
     prefix = server_settings.MONAI_LABEL_API_STR
     for method, path, endpoint in guarded_routes(settings):
         full = prefix + path
@@ -147,6 +148,12 @@ def install(fastapi_app, settings: AppSettings) -> None:
         # first: matched before anything MONAI Label registers later under a wider pattern
         fastapi_app.router.routes.insert(0, fastapi_app.router.routes.pop())
     set_cors(fastapi_app, settings.cors_origins)
+    outer = fastapi_app.middleware_stack  # the outermost error handler; the wrapper goes inside it, before CORS
+    if outer is not None:
+        if isinstance(outer.app, LoopbackClientsOnly):
+            outer.app = outer.app.app
+        if loopback_clients_only:
+            outer.app = LoopbackClientsOnly(outer.app)
 
 
 def set_cors(fastapi_app, origins: tuple[str, ...]) -> None:
