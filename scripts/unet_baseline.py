@@ -15,8 +15,8 @@ from monai.networks.nets import UNet
 from textdiff import preprocess
 from textdiff.backbone import resolve_precision
 from textdiff.data import Sample, read_image, read_mask
-from textdiff.metrics import dice_iou
 from textdiff.head import rotate_flip
+from textdiff.metrics import dice_iou
 from textdiff.preprocess import grid_starts
 from textdiff.train import _pad_to
 

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import json
-
 from support import APP_DIR, MONUSEG, need_shared, tiny_unet_model, write_lvit
 
 

@@ -1,10 +1,9 @@
 """Helpers shared by the tests: tiny random models, small LViT folders, the path to ../shared/data."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-
-import json
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The MONAI Label app through FastAPI's TestClient, with tiny models: Slicer's sequence, label checks, 3D."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path

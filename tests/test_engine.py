@@ -10,9 +10,16 @@ import SimpleITK as sitk
 import torch
 
 from support import SHARED, need_shared, tiny_unet_model
-from textdiff.backbone import DiffusionFeatures, decoder_units, default_blocks, load_unet, naive_features, BackboneLoadError
-from textdiff.data import normalize_mask, read_image, read_lvit, read_mask, write_label
 from textdiff import fused
+from textdiff.backbone import (
+    BackboneLoadError,
+    DiffusionFeatures,
+    decoder_units,
+    default_blocks,
+    load_unet,
+    naive_features,
+)
+from textdiff.data import normalize_mask, read_image, read_lvit, read_mask, write_label
 from textdiff.head import FusionHead
 from textdiff.text import ReportEncoder, clean_report
 

@@ -238,6 +238,7 @@ def test_unet_baseline_trains_and_evaluates(lvit_folder):
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from unet_baseline import evaluate_unet, train_unet
+
     from textdiff.data import read_lvit
 
     samples = read_lvit(lvit_folder)

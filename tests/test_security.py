@@ -116,9 +116,10 @@ def test_cross_origin_pages_are_refused_unless_listed(client, tmp_path, monkeypa
     simple = client.get("/info/", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in simple.headers
 
+    from monailabel.app import app
+
     from lib import server_guards
     from lib.settings import AppSettings
-    from monailabel.app import app
 
     server_guards.set_cors(app, AppSettings.from_conf({"cors_origins": "https://viewer.example"}, tmp_path).cors_origins)
     allowed = client.options("/datastore/image", headers=dict(preflight, Origin="https://viewer.example"))
@@ -296,9 +297,10 @@ def test_a_named_network_address_without_authentication_refuses_to_start(tmp_pat
 
 def test_the_default_wide_bind_serves_this_machine_only(client):
     """`monailabel start_server` without --host binds 0.0.0.0: the app then answers loopback clients only."""
+    from monailabel.app import app
+
     from lib import server_guards
     from lib.settings import AppSettings
-    from monailabel.app import app
 
     assert client.get("/info/").status_code == 200
     server_guards.install(app, AppSettings.from_conf({}, client.tmp), loopback_clients_only=True)

@@ -3,7 +3,6 @@ sequence 3D Slicer runs: info -> infer with a report (.nrrd) -> save a .nii.gz l
 infer with the new model (stored report) -> scoring -> next sample."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 from fastapi import HTTPException
-from lib import server_guards
-from lib.security import bound_host, check_name, exposure
-from lib.configs.textdiff import TextDiffConfig
-from lib.datastore import ValidatingDatastore
-from lib.settings import AppSettings
 from monailabel.config import settings as server_settings
 from monailabel.interfaces.app import MONAILabelApp
+
+from lib import server_guards
+from lib.configs.textdiff import TextDiffConfig
+from lib.datastore import ValidatingDatastore
+from lib.security import bound_host, check_name, exposure
+from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 MODEL = "textdiff"

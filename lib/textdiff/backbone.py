@@ -75,7 +75,8 @@ def load_unet(source: str | os.PathLike | None = None):
     path = shipped or Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise BackboneLoadError(f"backbone folder {path} has no config.json (expected a UNet2DModel save_pretrained folder)")
+            raise BackboneLoadError(f"backbone folder {path} has no config.json "
+                                    "(expected a UNet2DModel save_pretrained folder)")
         return UNet2DModel.from_pretrained(str(path), **options)
     if source == DEFAULT_BACKBONE:
         raise BackboneLoadError(
@@ -366,7 +367,8 @@ class DiffusionFeatures(nn.Module):
                 if self.early_exit and b == deepest:
                     raise _StopForward
             module = self.units[b][1]
-            handles.append(module.register_forward_pre_hook(hook) if before_upsampling else module.register_forward_hook(hook))
+            register = module.register_forward_pre_hook if before_upsampling else module.register_forward_hook
+            handles.append(register(hook))
         fast_token = _FAST_PATH.set(self.fast_path)
         try:
             with _autocast(device, resolve_precision(self.precision, device)):

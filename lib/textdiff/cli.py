@@ -26,13 +26,15 @@ def _ints(text: str) -> list[int]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="default", help=BACKBONE_HELP)
-    p.add_argument("--text-encoder", default="default", help="transformers folder or hub id (default: embedded MiniLM-L6)")
+    p.add_argument("--text-encoder", default="default",
+                   help="transformers folder or hub id (default: embedded MiniLM-L6)")
     p.add_argument("--blocks", type=_ints, help="decoder block indices, ADM output_blocks numbering (e.g. 6,8,12,16)")
     p.add_argument("--steps", type=_ints, default=[50, 150, 250], help="diffusion steps (default 50,150,250)")
     p.add_argument("--window", type=int, default=256, help="side of the random training windows (default 256)")
     p.add_argument("--tile", type=int, default=256,
                    help="largest side the backbone sees at once; larger images go in overlapping tiles (default 256)")
-    p.add_argument("--scale", type=float, default=None, help="working scale (default: 0.5 for images >= 768 px, else 1)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="working scale (default: 0.5 for images >= 768 px, else 1)")
     p.add_argument("--max-tokens", type=int, default=64, help="report token budget (default 64)")
     p.add_argument("--no-text", action="store_true", help="train the same head without the report (ablation)")
     p.add_argument("--include-image", action=argparse.BooleanOptionalAction, default=True,
@@ -46,7 +48,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "upsampling; 4x larger cached map, slower extraction)")
     p.add_argument("--head-dim", type=int, default=64, help="width of the head's report attention (default 64)")
     p.add_argument("--text-min-stride", type=int, default=4,
-                   help="scales at least this coarse attend to the report (default 4; 1 = every scale, as in the paper)")
+                   help="scales at least this coarse attend to the report "
+                        "(default 4; 1 = every scale, as in the paper)")
     p.add_argument("--subpixel", action=argparse.BooleanOptionalAction, default=None,
                    help="a head without full-resolution maps (the image folded into 2x2 blocks, 4 pixels per "
                         "prediction): ~1.2x faster head epochs on CPU, ~0.01 lower Dice on MoNuSeg's small nuclei "
@@ -101,7 +104,8 @@ def cmd_train(args) -> int:
                     TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                 val_every=args.val_every,
                                 variants=args.variants, cache_dir=args.cache_dir,
-                                cache_max_gb=DEFAULT_CACHE_MAX_GB if args.cache_max_gb is None else args.cache_max_gb or None,
+                                cache_max_gb=(DEFAULT_CACHE_MAX_GB if args.cache_max_gb is None
+                                              else args.cache_max_gb or None),
                                 feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout,
                                 checkpoint=True, resume=args.resume))
     teardown()
@@ -144,7 +148,8 @@ def cmd_infer(args) -> int:
     model = _load(args)
     label = model.predict(image, args.report, progress=lambda it: tqdm(it, desc="slices", unit="slice"))
     out = write_label(label, image, args.out, scale_255=args.scale_255)
-    print(f"wrote {out} ({'x'.join(map(str, label.shape))}, foreground {float((label > 0).mean()):.1%})", file=sys.stderr)
+    shape = "x".join(map(str, label.shape))
+    print(f"wrote {out} ({shape}, foreground {float((label > 0).mean()):.1%})", file=sys.stderr)
     return 0
 
 
@@ -203,8 +208,8 @@ def cmd_benchmark(args) -> int:
     from . import benchmark
 
     result = benchmark.run(args.backbone, Path(args.data) if args.data else benchmark.DEFAULT_DATA, args.model,
-                           args.windows, args.epochs, args.measured_epochs, args.reference_steps, tuple(args.skip or ()),
-                           adm=args.adm, blocks=args.blocks)
+                           args.windows, args.epochs, args.measured_epochs, args.reference_steps,
+                           tuple(args.skip or ()), adm=args.adm, blocks=args.blocks)
     print(benchmark.table(result), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -213,7 +218,8 @@ def cmd_benchmark(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="textdiff", description="TextDiff: report-guided, label-efficient segmentation on frozen diffusion features.")
+        prog="textdiff",
+        description="TextDiff: report-guided, label-efficient segmentation on frozen diffusion features.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log progress details; show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -316,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs the fast path really runs; the rest are totalled from their mean time (default 3)")
     p.add_argument("--reference-steps", type=int, default=24,
                    help="reference-loop steps timed after one warm-up step (then scaled; default 24)")
-    p.add_argument("--skip", action="append", choices=["extract", "train", "infer"], help="leave this part out (repeatable)")
+    p.add_argument("--skip", action="append", choices=["extract", "train", "infer"],
+                   help="leave this part out (repeatable)")
     p.add_argument("--adm", action="store_true",
                    help="also time the full ADM-256 layout (random weights, the paper's blocks) in windows/s against "
                         "the device's physical limit (~1 min on a 2-core CPU; meant for GPUs)")

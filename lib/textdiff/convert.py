@@ -89,8 +89,10 @@ def plan(flags: dict) -> Plan:
                                   "with --num_head_channels")
         head_dim = next(iter(attn_channels)) // int(f["num_heads"])
     updown = _bool(f["resblock_updown"])
-    down_types = [("AttnDownBlock2D" if a else ("ResnetDownsampleBlock2D" if updown else "DownBlock2D")) for a in attn_levels]
-    up_types = [("AttnUpBlock2D" if a else ("ResnetUpsampleBlock2D" if updown else "UpBlock2D")) for a in reversed(attn_levels)]
+    plain_down = "ResnetDownsampleBlock2D" if updown else "DownBlock2D"
+    plain_up = "ResnetUpsampleBlock2D" if updown else "UpBlock2D"
+    down_types = ["AttnDownBlock2D" if a else plain_down for a in attn_levels]
+    up_types = ["AttnUpBlock2D" if a else plain_up for a in reversed(attn_levels)]
     in_ch = int(f["in_channels"])
     config = dict(sample_size=size, in_channels=in_ch, out_channels=in_ch * (2 if f["learn_sigma"] else 1),
                   layers_per_block=int(f["num_res_blocks"]), block_out_channels=channels,
@@ -118,7 +120,8 @@ def plan(flags: dict) -> Plan:
             kind = "resnet" if updown else "conv_down"
             mapping.append((f"input_blocks.{k}.0", f"down_blocks.{level}.downsamplers.0", kind))
             k += 1
-    mapping += [("middle_block.0", "mid_block.resnets.0", "resnet"), ("middle_block.1", "mid_block.attentions.0", "attention"),
+    mapping += [("middle_block.0", "mid_block.resnets.0", "resnet"),
+                ("middle_block.1", "mid_block.attentions.0", "attention"),
                 ("middle_block.2", "mid_block.resnets.1", "resnet")]
     heads["middle_block.1"] = channels[-1] // head_dim
     k = 0
@@ -132,7 +135,8 @@ def plan(flags: dict) -> Plan:
                 heads[f"output_blocks.{k}.1"] = ch // head_dim
                 sub = 2
             if level > 0 and j == n:
-                mapping.append((f"output_blocks.{k}.{sub}", f"up_blocks.{i}.upsamplers.0", "resnet" if updown else "conv_up"))
+                mapping.append((f"output_blocks.{k}.{sub}", f"up_blocks.{i}.upsamplers.0",
+                                "resnet" if updown else "conv_up"))
             k += 1
     mapping += [("out.0", "conv_norm_out", "copy"), ("out.2", "conv_out", "copy")]
     return Plan(config, mapping, heads, legacy_attention=not f["use_new_attention_order"])

@@ -61,8 +61,9 @@ def _check_private(path: Path) -> Path:
     write runs their code in this process."""
     info = path.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise RuntimeError(f"{path} is not private to this user (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}):"
-                           f" the kernel is neither built nor loaded there; set TEXTDIFF_NATIVE_CACHE to a folder of yours")
+        raise RuntimeError(f"{path} is not private to this user (owner uid {info.st_uid}, "
+                           f"mode {oct(info.st_mode & 0o777)}): the kernel is neither built nor loaded there; "
+                           "set TEXTDIFF_NATIVE_CACHE to a folder of yours")
     return path
 
 

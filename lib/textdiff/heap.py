@@ -38,7 +38,8 @@ def reuse_freed_heap() -> bool:
     if libc is None or any(os.environ.get(name) for name in _USER_SETTINGS) \
             or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return (bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
 
 
 def release_free_heap() -> bool:

@@ -22,8 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import preprocess
-from .backbone import (DEFAULT_BACKBONE, DEFAULT_NOISE_SEED, DEFAULT_STEPS, DiffusionFeatures, _autocast, load_unet,
-                       resolve_precision, shipped_backbones)
+from .backbone import (
+    DEFAULT_BACKBONE,
+    DEFAULT_NOISE_SEED,
+    DEFAULT_STEPS,
+    DiffusionFeatures,
+    _autocast,
+    load_unet,
+    resolve_precision,
+    shipped_backbones,
+)
 from .data import Image
 from .head import VARIANTS, FusionHead, rotate_flip, unrotate_flip
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
@@ -160,7 +168,8 @@ class TextDiffModel(torch.nn.Module):
         check_test_time_variants(config.test_time_variants)
         for name in ("window", "tile"):
             if getattr(config, name) % features.multiple:
-                raise ValueError(f"{name} {getattr(config, name)} must be divisible by {features.multiple} for this backbone")
+                raise ValueError(f"{name} {getattr(config, name)} must be divisible by {features.multiple} "
+                                 "for this backbone")
         if encoder is None:
             encoder = frozen_encoder(config.text_encoder, config.max_tokens, str(device))
         spec = features.spec()
@@ -216,7 +225,8 @@ class TextDiffModel(torch.nn.Module):
                              "lower the learning rate")
         _atomic_write(model_dir / weights, lambda p: save_file(state, str(p)))
         self.config.weights = weights
-        _atomic_write(model_dir / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
+        config_text = json.dumps(self.config.to_dict(), indent=2)
+        _atomic_write(model_dir / CONFIG_NAME, lambda p: Path(p).write_text(config_text))
         if extra:
             _atomic_write(model_dir / "training.json", lambda p: Path(p).write_text(json.dumps(extra, indent=2)))
         # keep the previous weights one generation: a reader that read the old config.json can still load them
@@ -260,7 +270,8 @@ class TextDiffModel(torch.nn.Module):
         """Backbone windows that predicting ``image`` runs: slices x tiles x test-time variants. Pixels alone miss
         padding: a 2,000,000 x 1 image has 2 MP but needs thousands of tiles."""
         c = self.config
-        slices, shape = (image.array.shape[0], image.array.shape[1:3]) if image.is_volume else (1, image.array.shape[:2])
+        shape = image.array.shape
+        slices, shape = (shape[0], shape[1:3]) if image.is_volume else (1, shape[:2])
         size_hw = tuple(max(1, round(n * c.scale)) for n in shape)
         padded, roi, _ = preprocess.tile_layout(size_hw, c.window, c.tile, self.features.multiple)
         step = [max(1, int(r * (1 - c.overlap))) for r in roi]
@@ -309,7 +320,8 @@ class TextDiffModel(torch.nn.Module):
         return torch.softmax(logits[0].float(), dim=0)
 
     def predict_image_proba(self, image: Image, report: str | None = None, progress=None) -> torch.Tensor:
-        """Probabilities (classes, H, W) for 2D, (classes, D, H, W) for volumes (slice by slice, one intensity range)."""
+        """Probabilities (classes, H, W) for 2D, (classes, D, H, W) for volumes (slice by slice, one intensity
+        range)."""
         value_range = preprocess.intensity_range(image.array)
         if not image.is_volume:
             return self.predict_proba(image.array, report, value_range)

@@ -76,7 +76,8 @@ def grid_starts(length: int, window: int) -> list[int]:
 
 def tile_layout(size_hw: tuple[int, int], window: int, tile: int, multiple: int):
     """Padded size, tile sides and tile starts of a working image: padded to >= window and to the backbone's
-    multiple, cut into tiles of at most ``tile`` (sides a multiple of ``multiple``) overlapping as little as possible."""
+    multiple, cut into tiles of at most ``tile`` (sides a multiple of ``multiple``) overlapping as little as
+    possible."""
     def up(n: int) -> int:
         return -(-n // multiple) * multiple
     padded = tuple(up(max(n, window)) for n in size_hw)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed, preprocess
-from .backbone import resolve_precision, _autocast
+from .backbone import _autocast, resolve_precision
 from .data import IMAGE_SUFFIXES, ImageReadError, read_image
 
 # A CPU-sized default: 4 levels, attention only at the coarsest, 7 M parameters; features of one 256x256 window at

@@ -26,13 +26,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import distributed, preprocess
-from .heap import release_free_heap
+from .backbone import resolve_precision
 from .data import Sample, read_image, read_mask
 from .head import VARIANTS, rotate_flip
+from .heap import release_free_heap
 from .metrics import dice_iou
-from .backbone import resolve_precision
-from .preprocess import tile_layout
 from .model import TextDiffModel, _atomic_write
+from .preprocess import tile_layout
 
 # Features take ~16 MB per 256 px tile (a chest X-ray is one tile, a 1000 px H&E image at x0.5 four); without a cap
 # every recipe tried keeps its features forever (one development machine reached 57 GB).
@@ -272,7 +272,8 @@ def _channels_last(feature: torch.Tensor) -> torch.Tensor:
 
 def stack_windows(maps: list[torch.Tensor]) -> torch.Tensor:
     """(C, h, w) crops -> one (B, C, h, w) channels-last batch: the head's 1x1 maps of the wide cached features
-    run ~2.5x faster on it than on (B, C, h, w)-ordered memory (oneDNN), and from pixel-major crops the copy is plain."""
+    run ~2.5x faster on it than on (B, C, h, w)-ordered memory (oneDNN), and from pixel-major crops the copy is
+    plain."""
     return torch.stack([m.permute(1, 2, 0) for m in maps]).permute(0, 3, 1, 2)
 
 
@@ -473,7 +474,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             best_state = copy.deepcopy(head.state_dict())
         history.append(record)
         if "dice" in record:
-            epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record['dice']:.3f}", best=f"{best['dice']:.3f}")
+            epochs.set_postfix(loss=f"{record['loss']:.3f}", val_dice=f"{record['dice']:.3f}",
+                               best=f"{best['dice']:.3f}")
         else:
             epochs.set_postfix(loss=f"{record['loss']:.3f}")
         if config.checkpoint and epoch < config.epochs:

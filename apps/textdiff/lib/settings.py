@@ -54,7 +54,8 @@ class AppSettings:
     # conf key -> (field, parser). Every key is documented in the README.
     KEYS = {
         "model_dir": ("model_dir", Path), "model": ("initial_model", str), "backbone": ("backbone", str),
-        "text_encoder": ("text_encoder", str), "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
+        "text_encoder": ("text_encoder", str),
+        "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
         "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),

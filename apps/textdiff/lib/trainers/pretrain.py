@@ -15,8 +15,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from textdiff.model import resolve_model_dir
 from textdiff.pretrain import PretrainConfig, pretrain, publish_backbone, published_backbones
 
-from ..settings import AppSettings
 from ..security import bounded
+from ..settings import AppSettings
 from ..transforms import bad_request
 
 logger = logging.getLogger(__name__)

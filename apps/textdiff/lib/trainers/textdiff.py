@@ -15,8 +15,8 @@ from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
 from textdiff.train import TrainConfig, train
 
 from ..model_store import ModelStore
-from ..settings import AppSettings
 from ..security import bounded
+from ..settings import AppSettings
 from ..transforms import bad_request, labeled_samples
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class TextDiffTrain(TrainTask):
         config = ModelConfig.from_dict(base)
         labels = {"background": 0} | self.store.label_names()
         changes = dict(labels=labels, feature_channels=None, weights=None,
-                       text_encoder=self.settings.text_encoder if self.settings.text_encoder != "default" else config.text_encoder)
+                       text_encoder=config.text_encoder if self.settings.text_encoder == "default"
+                       else self.settings.text_encoder)
         if config.backbone != DEFAULT_BACKBONE:
             changes["backbone_fingerprint"] = None  # a named/local UNet is taken as it is now
         # else the fingerprint stays: it names which shipped default the initial model was trained on (the default
@@ -73,7 +74,8 @@ class TextDiffTrain(TrainTask):
         if str(request.get("multi_gpu", "false")).lower() == "true" and gpus > 1:
             # one process per GPU under torch.distributed (NCCL); images sharded, rank 0 validates and publishes
             torch.multiprocessing.spawn(_train_worker, nprocs=gpus, args=(
-                gpus, self.new_model_config().to_dict(), train_samples, val_samples, str(self.settings.model_dir), config))
+                gpus, self.new_model_config().to_dict(), train_samples, val_samples, str(self.settings.model_dir),
+                config))
             summary = json.loads((self.settings.model_dir / "training.json").read_text())
         else:
             model = TextDiffModel.build(self.new_model_config(), self.settings.device, seed=config.seed)
