@@ -169,3 +169,37 @@ def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_di
     assert not served.config.subpixel and served.config.scale != 0.25
     with pytest.raises(ValueError, match="subpixel 'maybe': expected true/false"):
         new_head(subpixel="maybe")
+
+
+def test_a_stop_request_ends_training_after_its_epoch_and_publishes(client, monkeypatch):
+    """DELETE /train/ asks the running training to stop (a file the trainer polls after every epoch) and waits
+    for it to publish its best head; only what is still running after the grace period is killed."""
+    import textdiff.train
+    from lib import server_guards
+    from monailabel.endpoints import train as train_endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    stop_file = app_instance()._trainers["textdiff"].stop_file
+    real_epoch = textdiff.train.train_epoch
+
+    def epoch_then_stop(*args, **kwargs):  # the stop arrives while the first epoch runs
+        stop_file.touch()
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(textdiff.train, "train_epoch", epoch_then_stop)
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 20})
+    assert response.status_code == 200, response.text
+    summary = json.loads((client.tmp / "published" / "training.json").read_text())
+    assert summary["epochs_run"] == 1 and summary["stopped_early"]
+
+    # the route: a running textdiff training is asked, not killed
+    stop_file.unlink()
+    running = [True, True]  # the training ends while the route waits
+    monkeypatch.setattr(train_endpoint.AsyncTask, "status",
+                        lambda *a, **k: ({"request": {"model": "textdiff"}}, None))
+    monkeypatch.setattr(server_guards, "_training_runs", lambda: bool(running) and running.pop())
+    killed = []
+    monkeypatch.setattr(train_endpoint, "stop", lambda: killed.append(1))
+    response = client.delete("/train/")
+    assert response.status_code == 200 and response.json()["status"] == "stopped after its epoch"
+    assert stop_file.exists() and not killed

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from support import SHARED, need_shared, tiny_unet_model
-from textdiff import fused
+from textdiff.accel import kernels as fused
 from textdiff.backbone import (
     BackboneLoadError,
     DiffusionFeatures,
@@ -292,9 +292,10 @@ def _group_norm_gelu_step(module, x, grad, dtype=torch.bfloat16):
     return [y.float(), xc.grad.float(), module.weight.grad.clone(), module.bias.grad.clone()]
 
 
-@pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
+@pytest.mark.skipif(not fused._compiler() or not fused.platform_supported(),
+                    reason="no C compiler, or not x86-64 Linux with PyTorch's OpenMP")
 def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch(monkeypatch):
-    """The head's GroupNorm + GELU pairs run as one C kernel in CPU training (textdiff/fused.py). It builds wherever
+    """The head's GroupNorm + GELU pairs run as one C kernel in CPU training (textdiff/accel/kernels.py). It builds wherever
     a C compiler is; in bf16 its values and gradients (input, weight, bias) must be at least as close to fp32
     PyTorch as PyTorch's own bf16 ops are, in fp32 equal to them -- for the head's widths (16, 32, 64: the kernel's
     specialised copies), another width (the generic copy), odd sizes, one sample."""
@@ -328,7 +329,8 @@ def test_fused_group_norm_gelu_kernel_is_as_exact_as_pytorch(monkeypatch):
             torch.testing.assert_close(ours, truth, rtol=1e-4, atol=1e-4 * float(truth.abs().max()))
 
 
-@pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
+@pytest.mark.skipif(not fused._compiler() or not fused.platform_supported(),
+                    reason="no C compiler, or not x86-64 Linux with PyTorch's OpenMP")
 def test_fast_path_resnet_blocks_and_attention_compute_diffusers_function(monkeypatch):
     """The fast path's ResNet blocks run GroupNorm + SiLU as one C kernel on CPU (backbone.FrozenResnetBlock2D) and
     its self-attention a bf16 kernel (backbone.FastAttnProcessor): fp32 features must equal diffusers' own code, bf16
@@ -773,7 +775,8 @@ def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
     assert digest(1) != first
 
 
-@pytest.mark.skipif(not fused._compiler(), reason="no C compiler on this machine")
+@pytest.mark.skipif(not fused._compiler() or not fused.platform_supported(),
+                    reason="no C compiler, or not x86-64 Linux with PyTorch's OpenMP")
 def test_fused_kernel_builds_once_into_a_private_folder_only(monkeypatch, tmp_path):
     """The kernel is built into the user's cache folder and found there afterwards (no second compile); a folder or
     library that others can write is refused (no shared temp-folder fallback), and the PyTorch ops stay in place."""
@@ -800,3 +803,24 @@ def test_fused_kernel_builds_once_into_a_private_folder_only(monkeypatch, tmp_pa
             assert fused.library() is None
     finally:
         fused.library.cache_clear()
+
+
+def test_backbone_fast_path_only_on_tested_diffusers(tiny_unet_dir, monkeypatch):
+    """The fast path re-implements diffusers' ResnetBlock2D forward: the installed diffusers must be a tested one
+    (this fails on an unknown version, to be checked and added to TESTED_DIFFUSERS), and on another version the
+    backbone keeps diffusers' own classes, with a warning."""
+    import diffusers
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from textdiff.accel import backbone as fast
+    from textdiff.backbone import load_unet
+
+    assert fast.diffusers_tested(), f"diffusers {diffusers.__version__} is not in {fast.TESTED_DIFFUSERS}"
+    monkeypatch.setattr(fast, "TESTED_DIFFUSERS", ((0, 1), (0, 2)))
+    unet = load_unet(str(tiny_unet_dir))
+    with pytest.warns(UserWarning, match="outside the versions"):
+        fast.use_fast_path(unet)
+    assert any(type(m) is ResnetBlock2D for m in unet.modules())
+    monkeypatch.undo()
+    fast.use_fast_path(unet)
+    assert not any(type(m) is ResnetBlock2D for m in unet.modules())

@@ -329,7 +329,7 @@ def test_server_process_keeps_glibcs_heap_defaults(tiny_model, tmp_path):
     tiny_model.save(tmp_path / "model")
     code = f"""
 import ctypes, numpy as np, torch
-from textdiff import heap
+from textdiff.accel import heap
 from textdiff.data import Image
 from textdiff.model import TextDiffModel
 libc = heap._libc()
@@ -385,13 +385,13 @@ def test_a_link_inside_the_studies_folder_does_not_lead_out_of_it(client, tmp_pa
 
 @pytest.mark.skipif(sys.platform != "linux", reason="address-space limits are Linux's")
 def test_kernel_scratch_allocation_failure_is_an_error_not_a_crash():
-    from textdiff import fused
+    from textdiff.accel import kernels as fused
 
     if fused.library() is None:
         pytest.skip("CPU kernel not built here")
     code = """
 import ctypes, resource, torch
-from textdiff import fused
+from textdiff.accel import kernels as fused
 lib = fused.library()
 channels = 1 << 24  # each thread's scratch: 2 x 16 M doubles = 256 MB
 out = torch.empty(2 * channels, dtype=torch.float64)

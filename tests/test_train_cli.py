@@ -88,7 +88,7 @@ def test_building_a_model_lets_large_blocks_come_from_the_reused_heap(tiny_model
 
     import torch
 
-    from textdiff import heap
+    from textdiff.accel import heap
 
     libc = heap._libc()
     if libc is None or not hasattr(libc, "mallinfo2"):

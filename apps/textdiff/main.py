@@ -34,7 +34,7 @@ class TextDiffApp(MONAILabelApp):
         self.settings = AppSettings.from_conf(conf, app_dir)
         self.exposure = exposure(bound_host(), server_settings.MONAI_LABEL_AUTH_ENABLE, self.settings.allow_remote)
         if self.settings.heap_tuning:
-            from textdiff.heap import reuse_freed_heap
+            from textdiff.accel.heap import reuse_freed_heap
 
             reuse_freed_heap()
         self.task = TextDiffConfig()

@@ -11,8 +11,6 @@ are to a converted ADM checkpoint. ``decoder_units(unet)`` lists them.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import hashlib
 import json
 import os
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import fused
+from .accel.backbone import FAST_PATH, use_fast_path
 
 DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_NOISE_SEED = 0
@@ -143,87 +141,6 @@ def default_blocks(unet, max_levels: int = 4) -> tuple[int, ...]:
         index += n
     blocks.append(last_upsampler if last_upsampler is not None else index - 1)
     return tuple(sorted(set(blocks))[-max_levels:])
-
-
-# True while DiffusionFeatures' fast path runs: only there do the UNet's ResNet blocks and attention take the CPU
-# kernels below (the naive reference loop runs the same UNet object through diffusers' own code)
-_FAST_PATH = contextvars.ContextVar("textdiff_fast_path", default=False)
-
-
-@functools.cache
-def _frozen_resnet_class():
-    """diffusers' ResnetBlock2D with, in the fast path, GroupNorm + SiLU as one kernel on CPU (fused.group_norm_silu:
-    as PyTorch ops, with autocast's casts, they took ~107 ms of a 1.6 s 4-window forward of the shipped backbone) and
-    the residual sum in place, without the division by an output scale of 1. The same function as diffusers' forward
-    for frozen inference, which runs for anything else (training, resampling blocks, scale-shift time embeddings)."""
-    from diffusers.models.resnet import ResnetBlock2D
-
-    class FrozenResnetBlock2D(ResnetBlock2D):
-        def forward(self, input_tensor, temb, *args, **kwargs):
-            if not (_FAST_PATH.get() and not self.training and self.upsample is None and self.downsample is None
-                    and self.time_embedding_norm == "default" and isinstance(self.nonlinearity, nn.SiLU)
-                    and not args and not kwargs):
-                return super().forward(input_tensor, temb, *args, **kwargs)
-            hidden = self.conv1(fused.group_norm_silu(input_tensor, self.norm1))
-            if self.time_emb_proj is not None:
-                temb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))[:, :, None, None]
-            if temb is not None:
-                hidden = hidden + temb
-            hidden = self.conv2(self.dropout(fused.group_norm_silu(hidden, self.norm2)))
-            shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
-            if hidden.dtype == torch.promote_types(hidden.dtype, shortcut.dtype):
-                hidden.add_(shortcut)  # conv2's fresh output: nothing else holds it
-            else:
-                hidden = hidden + shortcut
-            return hidden if self.output_scale_factor == 1 else hidden / self.output_scale_factor
-
-    return FrozenResnetBlock2D
-
-
-class FastAttnProcessor:
-    """diffusers' attention processor for the fast path: self-attention of a feature map through the CPU kernel
-    (fused.attention, ~2x PyTorch's CPU flash kernel at head size 32), the processor it wraps for anything else
-    (outside the fast path, masks, cross-attention, extra norms, training, other types or devices)."""
-
-    def __init__(self, wrapped):
-        self.wrapped = wrapped
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
-        bf16 = hidden_states.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        plain = (not _FAST_PATH.get() or attn.training or hidden_states.ndim != 4 or args or kwargs
-                 or hidden_states.device.type != "cpu" or not bf16 or attn.to_q.out_features % attn.heads
-                 or not fused.attention_supported(attn.to_q.out_features // attn.heads)
-                 or encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None
-                 or attn.norm_q is not None or attn.norm_k is not None)
-        out = None
-        if not plain:
-            batch, channels, height, width = hidden_states.shape
-            tokens = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-            if attn.group_norm is not None:
-                tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
-            out = fused.attention(attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens), attn.heads)
-        if out is None:
-            return self.wrapped(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
-        out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-def use_fast_path(unet) -> None:
-    """Give the UNet's ResNet blocks and attention the fast path's code (their class and processor only; weights and
-    state dict unchanged)."""
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
-    for module in unet.modules():
-        if type(module) is ResnetBlock2D:
-            module.__class__ = _frozen_resnet_class()
-        elif isinstance(module, Attention) and not isinstance(module.processor, FastAttnProcessor):
-            module.set_processor(FastAttnProcessor(module.processor))
 
 
 class _StopForward(Exception):
@@ -369,14 +286,14 @@ class DiffusionFeatures(nn.Module):
             module = self.units[b][1]
             register = module.register_forward_pre_hook if before_upsampling else module.register_forward_hook
             handles.append(register(hook))
-        fast_token = _FAST_PATH.set(self.fast_path)
+        fast_token = FAST_PATH.set(self.fast_path)
         try:
             with _autocast(device, resolve_precision(self.precision, device)):
                 self.unet(x_t, t)
         except _StopForward:
             pass
         finally:
-            _FAST_PATH.reset(fast_token)
+            FAST_PATH.reset(fast_token)
             for h in handles:
                 h.remove()
         out = []

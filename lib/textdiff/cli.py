@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .heap import reuse_freed_heap
+from .accel.heap import reuse_freed_heap
 
 DEVICE_HELP = "torch device, e.g. cpu, cuda:1 (default: cuda when present, else cpu)"
 PRECISION_HELP = "compute precision (default auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)"
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    # a command is its own process: every model does tens of multi-MB allocations per forward (heap.py); a host
+    # a command is its own process: every model does tens of multi-MB allocations per forward (accel/heap.py); a host
     # process (the MONAI Label server) keeps glibc's defaults unless it asks
     reuse_freed_heap()
     try:

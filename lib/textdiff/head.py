@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from .accel import kernels
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
@@ -31,7 +31,7 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(n, pixels, c)
         sum_dy_x = (grad * tokens).sum(1, dtype=torch.float32)  # (N, C)
         sum_dy = grad.sum(1, dtype=torch.float32)
-        a, b, k, dweight, dbias = fused.group_norm_backward_terms(sum_dy_x, sum_dy, weight, mean, rstd, pixels)
+        a, b, k, dweight, dbias = kernels.group_norm_backward_terms(sum_dy_x, sum_dy, weight, mean, rstd, pixels)
         dx = torch.addcmul(k[:, None].to(x.dtype), tokens, b[:, None].to(x.dtype))  # dx = a * dy + b * x + k
         dx.addcmul_(grad, a[:, None].to(x.dtype))
         return dx.view(n, h, w, c).permute(0, 3, 1, 2), dweight, dbias, None, None
@@ -46,11 +46,11 @@ def _group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.
 
 
 class _GroupNormGELU(nn.GroupNorm):
-    """GroupNorm then GELU, one module so that CPU training runs the pair as one kernel (fused.py)."""
+    """GroupNorm then GELU, one module so that CPU training runs the pair as one kernel (accel/kernels.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.applies(x, self.weight):
-            return fused.group_norm_gelu(x, self.num_groups, self.weight, self.bias, self.eps)
+        if kernels.applies(x, self.weight):
+            return kernels.group_norm_gelu(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.gelu(_group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 

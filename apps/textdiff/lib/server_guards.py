@@ -13,6 +13,7 @@ import functools
 import os
 import tempfile
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from monailabel.config import settings as server_settings
 from monailabel.endpoints import infer as infer_endpoint
+from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
@@ -31,11 +33,18 @@ from .settings import AppSettings
 from .transforms import bad_request, parse_params
 
 CHUNK = 1 << 20
+STOP_GRACE_S = 60.0  # a stopped training may finish its epoch and publish for this long before it is killed
 ROLE_USER = server_settings.MONAI_LABEL_AUTH_ROLE_USER
 ROLE_ANNOTATOR = server_settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
 ROLE_ADMIN = server_settings.MONAI_LABEL_AUTH_ROLE_ADMIN
 REFUSED_ROUTES = [("POST", "/infer/wsi/{model}"), ("POST", "/infer/wsi_v2/{model}"), ("PUT", "/model/{model}"),
                   ("DELETE", "/model/{model}"), ("PUT", "/session/")]
+
+
+def _training_runs() -> bool:
+    from monailabel.utils.async_tasks.utils import background_processes
+
+    return any(p.poll() is None for p in background_processes.get("train", {}).values())
 
 
 @functools.cache
@@ -128,11 +137,26 @@ def guarded_routes(settings: AppSettings):
             label_id = instance.datastore().save_label(image, path, tag or "final", info | {"user": user.username})
         return (instance.on_save_label(image, label_id) or {}) | {"image": image, "label": label_id}
 
+    def stop_training(user: User = Depends(RBAC(ROLE_ADMIN))):
+        """Ask the running training to end after its current epoch (it then publishes its best head); what still
+        runs after ``STOP_GRACE_S`` is killed, as MONAI Label does."""
+        running, _ = train_endpoint.AsyncTask.status("train", check_if_running=True)
+        trainer = app_instance()._trainers.get("textdiff")
+        if trainer is None or not running or running.get("request", {}).get("model") != "textdiff":
+            return train_endpoint.stop()  # nothing to ask (pretraining checkpoints and resumes by itself)
+        trainer.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        trainer.stop_file.touch()
+        deadline = time.time() + STOP_GRACE_S
+        while time.time() < deadline and _training_runs():
+            time.sleep(0.5)
+        return train_endpoint.stop() if _training_runs() else {"status": "stopped after its epoch"}
+
     def refused():
         raise HTTPException(403, "this server does not offer this route")
 
     return ([("POST", "/infer/{model}", infer), ("PUT", "/datastore/image", add_image),
-             ("PUT", "/datastore/", add_image), ("PUT", "/datastore/label", save_label)]
+             ("PUT", "/datastore/", add_image), ("PUT", "/datastore/label", save_label),
+             ("DELETE", "/train/", stop_training)]
             + [(method, path, refused) for method, path in REFUSED_ROUTES])
 
 

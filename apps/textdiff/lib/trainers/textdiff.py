@@ -29,6 +29,11 @@ class TextDiffTrain(TrainTask):
         self.settings = settings
         self.adapted_backbone = adapted_backbone  # the newest version the textdiff_pretrain trainer published, if any
 
+    @property
+    def stop_file(self) -> Path:
+        """Written by the server's stop route: the run ends after its current epoch and publishes its best head."""
+        return self.settings.model_dir.parent / "train.stop"
+
     def config(self):
         return {"max_epochs": self.settings.epochs, "learning_rate": 1e-3, "seed": 0}
 
@@ -70,16 +75,18 @@ class TextDiffTrain(TrainTask):
                              seed=bounded(request, "seed", 0, int, 0, 2**31 - 1),
                              cache_dir=str(self.settings.model_dir.parent / "feature-cache"))
         logger.info(f"training on {len(train_samples)} labeled images, validating on {len(val_samples)}")
+        self.stop_file.unlink(missing_ok=True)  # a stop asked for an earlier run
         gpus = torch.cuda.device_count()
         if str(request.get("multi_gpu", "false")).lower() == "true" and gpus > 1:
             # one process per GPU under torch.distributed (NCCL); images sharded, rank 0 validates and publishes
             torch.multiprocessing.spawn(_train_worker, nprocs=gpus, args=(
                 gpus, self.new_model_config().to_dict(), train_samples, val_samples, str(self.settings.model_dir),
-                config))
+                config, str(self.stop_file)))
             summary = json.loads((self.settings.model_dir / "training.json").read_text())
         else:
             model = TextDiffModel.build(self.new_model_config(), self.settings.device, seed=config.seed)
-            summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False)
+            summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False,
+                            should_stop=self.stop_file.exists)
         summary.pop("history", None)
         return summary | {"published": str(self.settings.model_dir)}
 
@@ -91,7 +98,8 @@ class TextDiffTrain(TrainTask):
         return {k: data[k] for k in ("best", "epochs_run", "train_images", "val_images", "wall_s") if k in data}
 
 
-def _train_worker(rank: int, world: int, config: dict, train_samples, val_samples, out_dir: str, train_config) -> None:
+def _train_worker(rank: int, world: int, config: dict, train_samples, val_samples, out_dir: str, train_config,
+                  stop_file: str) -> None:
     import os
 
     from textdiff import distributed
@@ -101,5 +109,5 @@ def _train_worker(rank: int, world: int, config: dict, train_samples, val_sample
     os.environ.setdefault("MASTER_PORT", "29517")
     _, _, device = distributed.setup()
     model = TextDiffModel.build(ModelConfig.from_dict(config), device, seed=train_config.seed)
-    train(model, train_samples, val_samples, out_dir, train_config, progress=False)
+    train(model, train_samples, val_samples, out_dir, train_config, progress=False, should_stop=Path(stop_file).exists)
     distributed.teardown()

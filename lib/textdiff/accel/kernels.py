@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 # -march=native: the cache key holds the CPU, so a cache folder shared between machines builds once per CPU kind.
@@ -81,17 +82,25 @@ def build(out_dir: Path | None = None) -> Path:
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(folder)
     path = folder / name
-    if path.is_file():
-        return _check_private(path)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed: concurrent builds are safe
-        target = Path(tmp) / name
-        result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], capture_output=True,
-                                text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
-        os.chmod(target, 0o700)
-        os.replace(target, path)
+    # one build at a time per library (processes started together, e.g. torchrun's): the others wait, then find it
+    with FileLock(str(folder / f"{name}.lock"), timeout=600):
+        if path.is_file():
+            return _check_private(path)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:  # built aside, then renamed into place
+            target = Path(tmp) / name
+            result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"], capture_output=True,
+                                    text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(compiler)} failed: {result.stderr.strip()[-2000:]}")
+            os.chmod(target, 0o700)
+            os.replace(target, path)
     return path
+
+
+def platform_supported() -> bool:
+    """Built and measured on x86-64 Linux with PyTorch's OpenMP; elsewhere the PyTorch ops are the safe choice."""
+    return (platform.system() == "Linux" and platform.machine() == "x86_64"
+            and "OpenMP" in torch.__config__.parallel_info())
 
 
 @functools.cache
@@ -99,9 +108,7 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernel, or None where it cannot be used here (see the module's docstring)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    # built and measured on x86-64 Linux with PyTorch's OpenMP; elsewhere the PyTorch ops are the safe choice
-    if platform.system() != "Linux" or platform.machine() != "x86_64" \
-            or "OpenMP" not in torch.__config__.parallel_info():
+    if not platform_supported():
         return None
     try:
         path = build()
