@@ -20,44 +20,91 @@ BACKBONE_HELP = ("UNet2DModel folder, hub id, or a shipped backbone: 'default' (
 TTA_HELP = "average inference over K flips/rotations of the image (1-8; K times the backbone time)"
 
 
+def _recipes_default() -> str:
+    from .recipes import DEFAULT
+
+    return DEFAULT
+
+
+def _recipe_names() -> list[str]:
+    from .recipes import names
+
+    return names()
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
 
+def _default(section: str, name: str):
+    """A field's default, read from the config dataclass (the one place defaults are written)."""
+    import dataclasses
+
+    from .model import ModelConfig
+    from .train import TrainConfig
+
+    field = {f.name: f for f in dataclasses.fields(ModelConfig if section == "model" else TrainConfig)}[name]
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def _help(text: str, section: str, name: str) -> str:
+    return f"{text} (default: the recipe's, else {_default(section, name)})"
+
+
+FLAG = dict(action="store_const", const=True, default=None)  # given or not: an absent flag leaves the recipe's value
+# option dest -> (section, field, value from the option); only options given on the command line are applied
+OPTION_FIELDS = {
+    "backbone": ("model", "backbone", None), "text_encoder": ("model", "text_encoder", None),
+    "blocks": ("model", "blocks", None), "steps": ("model", "steps", None), "window": ("model", "window", None),
+    "tile": ("model", "tile", None), "scale": ("model", "scale", None), "max_tokens": ("model", "max_tokens", None),
+    "no_text": ("model", "use_text", lambda v: not v), "include_image": ("model", "include_image", None),
+    "position": ("model", "position", None), "upsampler_output": ("model", "upsampler_input", lambda v: not v),
+    "head_dim": ("model", "head_dim", None), "text_min_stride": ("model", "text_min_stride", None),
+    "subpixel": ("model", "subpixel", None), "precision": ("model", "precision", None),
+    "label": ("model", "labels", lambda v: {"background": 0, v: 1}),
+    "test_time_variants": ("model", "test_time_variants", None),
+    "epochs": ("train", "epochs", None), "val_every": ("train", "val_every", None), "lr": ("train", "lr", None),
+    "batch_size": ("train", "batch_size", None), "variants": ("train", "variants", None),
+    "no_feature_augment": ("train", "feature_augment", lambda v: not v),
+    "text_dropout": ("train", "text_dropout", None), "seed": ("train", "seed", None),
+    "cache_dir": ("train", "cache_dir", None), "cache_max_gb": ("train", "cache_max_gb", lambda v: v or None),
+}
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="default", help=BACKBONE_HELP)
-    p.add_argument("--text-encoder", default="default",
-                   help="transformers folder or hub id (default: embedded MiniLM-L6)")
-    p.add_argument("--blocks", type=_ints, help="decoder block indices, ADM output_blocks numbering (e.g. 6,8,12,16)")
-    p.add_argument("--steps", type=_ints, default=[50, 150, 250], help="diffusion steps (default 50,150,250)")
-    p.add_argument("--window", type=int, default=256, help="side of the random training windows (default 256)")
-    p.add_argument("--tile", type=int, default=256,
-                   help="largest side the backbone sees at once; larger images go in overlapping tiles (default 256)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="working scale (default: 0.5 for images >= 768 px, else 1)")
-    p.add_argument("--max-tokens", type=int, default=64, help="report token budget (default 64)")
-    p.add_argument("--no-text", action="store_true", help="train the same head without the report (ablation)")
-    p.add_argument("--include-image", action=argparse.BooleanOptionalAction, default=True,
-                   help="feed the clean image to the head as one more full-resolution input (default; "
-                        "--no-include-image: backbone features only)")
-    p.add_argument("--position", action=argparse.BooleanOptionalAction, default=True,
-                   help="tell the report attention where each image token lies in the whole image (default; "
-                        "--no-position: the report attention sees content only)")
-    p.add_argument("--upsampler-output", action="store_true",
+    p.add_argument("--backbone", help=_help(BACKBONE_HELP, "model", "backbone"))
+    p.add_argument("--text-encoder", help=_help("transformers folder or hub id ('default': embedded MiniLM-L6)",
+                                                "model", "text_encoder"))
+    p.add_argument("--blocks", type=_ints, help=_help("decoder block indices, ADM output_blocks numbering "
+                                                      "(None: one per resolution)", "model", "blocks"))
+    p.add_argument("--steps", type=_ints, help=_help("diffusion steps", "model", "steps"))
+    p.add_argument("--window", type=int, help=_help("side of the random training windows", "model", "window"))
+    p.add_argument("--tile", type=int, help=_help("largest side the backbone sees at once; larger images go in "
+                                                  "overlapping tiles", "model", "tile"))
+    p.add_argument("--scale", type=float, help=_help("working scale: images are resized by this", "model", "scale"))
+    p.add_argument("--max-tokens", type=int, help=_help("report token budget", "model", "max_tokens"))
+    p.add_argument("--no-text", **FLAG, help="train the same head without the report (ablation)")
+    p.add_argument("--include-image", action=argparse.BooleanOptionalAction,
+                   help=_help("feed the clean image to the head as one more full-resolution input", "model",
+                              "include_image"))
+    p.add_argument("--position", action=argparse.BooleanOptionalAction,
+                   help=_help("tell the report attention where each image token lies in the whole image", "model",
+                              "position"))
+    p.add_argument("--upsampler-output", **FLAG,
                    help="hook upsampler units' outputs, not their inputs (the head then does not learn the 2x "
                         "upsampling; 4x larger cached map, slower extraction)")
-    p.add_argument("--head-dim", type=int, default=64, help="width of the head's report attention (default 64)")
-    p.add_argument("--text-min-stride", type=int, default=4,
-                   help="scales at least this coarse attend to the report "
-                        "(default 4; 1 = every scale, as in the paper)")
-    p.add_argument("--subpixel", action=argparse.BooleanOptionalAction, default=None,
-                   help="a head without full-resolution maps (the image folded into 2x2 blocks, 4 pixels per "
-                        "prediction): ~1.2x faster head epochs on CPU, ~0.01 lower Dice on MoNuSeg's small nuclei "
-                        "(default: off, a full-resolution last stage)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help=PRECISION_HELP)
-    p.add_argument("--label", default="foreground", help="name of the foreground class (default foreground)")
-    p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " when the model is used (default 1)")
+    p.add_argument("--head-dim", type=int, help=_help("width of the head's report attention", "model", "head_dim"))
+    p.add_argument("--text-min-stride", type=int,
+                   help=_help("scales at least this coarse attend to the report (1 = every scale, as in the paper)",
+                              "model", "text_min_stride"))
+    p.add_argument("--subpixel", action=argparse.BooleanOptionalAction,
+                   help=_help("a head without full-resolution maps (the image folded into 2x2 blocks): ~1.2x faster "
+                              "head epochs on CPU, ~0.01 lower Dice on MoNuSeg's small nuclei", "model", "subpixel"))
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help=_help(PRECISION_HELP, "model",
+                                                                                       "precision"))
+    p.add_argument("--label", help="name of the foreground class (default: the recipe's)")
+    p.add_argument("--test-time-variants", type=int, metavar="K",
+                   help=_help(TTA_HELP + " when the model is used", "model", "test_time_variants"))
 
 
 def _device(name: str | None):
@@ -66,31 +113,34 @@ def _device(name: str | None):
     return torch.device(name) if name else None
 
 
+def recipe_configs(args) -> tuple[dict, dict]:
+    """ModelConfig and TrainConfig keyword arguments: the recipe's values, then the options given."""
+    from . import recipes
+
+    recipe = recipes.load(args.recipe)
+    for dest, (section, name, convert) in OPTION_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            recipe[section][name] = convert(value) if convert else value
+    return recipe["model"], recipe["train"]
+
+
 def cmd_train(args) -> int:
-    from .data import read_image, read_lvit
+    from .data import read_lvit
     from .model import ModelConfig, TextDiffModel
-    from .train import DEFAULT_CACHE_MAX_GB, TRAIN_STATE_NAME, TrainConfig, train
+    from .train import TRAIN_STATE_NAME, TrainConfig, train
 
     if args.cache_max_gb is not None and args.cache_max_gb < 0:  # before minutes of loading and extraction
         raise ValueError(f"--cache-max-gb must be >= 0 (0 = no limit), got {args.cache_max_gb}")
+    model_kw, train_kw = recipe_configs(args)
     samples = [s for folder in args.data for s in read_lvit(folder)]
     val = [s for folder in args.val for s in read_lvit(folder)] if args.val else []
     if args.limit:
         samples = samples[: args.limit]
     if args.val_limit:
         val = val[-args.val_limit:]
-    scale = args.scale
-    if scale is None:
-        scale = 0.5 if min(read_image(samples[0].image).size_hw) >= 768 else 1.0
-    config = ModelConfig(backbone=args.backbone, blocks=args.blocks, steps=args.steps, text_encoder=args.text_encoder,
-                         include_image=args.include_image, upsampler_input=not args.upsampler_output,
-                         position=args.position,
-                         max_tokens=args.max_tokens, use_text=not args.no_text, window=args.window, tile=args.tile,
-                         scale=scale,
-                         labels={"background": 0, args.label: 1}, head_dim=args.head_dim, precision=args.precision,
-                         text_min_stride=args.text_min_stride,
-                         **({} if args.subpixel is None else {"subpixel": args.subpixel}),
-                         test_time_variants=1 if args.test_time_variants is None else args.test_time_variants)
+    config = ModelConfig(**model_kw)
+    train_config = TrainConfig(**train_kw, checkpoint=True, resume=args.resume)
     from .distributed import setup, teardown
 
     _, world, device = setup()  # under torchrun: one process per device, images sharded
@@ -99,15 +149,8 @@ def cmd_train(args) -> int:
         print(f"note: {args.out} holds a stopped run's training state; starting over (--resume continues it)"
               if has_state else f"note: no training state in {args.out} to resume; starting from epoch 1",
               file=sys.stderr)
-    model = TextDiffModel.build(config, _device(args.device) or device, seed=args.seed)
-    summary = train(model, samples, val, args.out,
-                    TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                val_every=args.val_every,
-                                variants=args.variants, cache_dir=args.cache_dir,
-                                cache_max_gb=(DEFAULT_CACHE_MAX_GB if args.cache_max_gb is None
-                                              else args.cache_max_gb or None),
-                                feature_augment=not args.no_feature_augment, text_dropout=args.text_dropout,
-                                checkpoint=True, resume=args.resume))
+    model = TextDiffModel.build(config, _device(args.device) or device, seed=train_config.seed)
+    summary = train(model, samples, val, args.out, train_config)
     teardown()
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
@@ -227,15 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")
     p.add_argument("--val", action="append", help="LViT folder for model selection (repeatable)")
     p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--recipe", default=_recipes_default(),
+                   help="a shipped recipe (" + ", ".join(_recipe_names()) + ") or a .toml file of ModelConfig/"
+                        "TrainConfig fields; options given here override it (default: %(default)s, the shipped "
+                        "model's)")
     _add_model_options(p)
-    p.add_argument("--epochs", type=int, default=50, help="passes over the training windows (default 50)")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the head (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per head step (default 4)")
-    p.add_argument("--variants", type=int, default=1, help="image-space flip/rotation variants cached per image (1-8)")
-    p.add_argument("--no-feature-augment", action="store_true", help="no flips/rotations of the cached features")
-    p.add_argument("--text-dropout", type=float, default=0.5, help="chance a window trains without its report")
-    p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and sampling (default 0)")
+    p.add_argument("--epochs", type=int, help=_help("passes over the training windows", "train", "epochs"))
+    p.add_argument("--val-every", type=int, help=_help("validate every N epochs (and after the last)", "train",
+                                                       "val_every"))
+    p.add_argument("--lr", type=float, help=_help("Adam learning rate of the head", "train", "lr"))
+    p.add_argument("--batch-size", type=int, help=_help("windows per head step", "train", "batch_size"))
+    p.add_argument("--variants", type=int, help=_help("image-space flip/rotation variants cached per image (1-8)",
+                                                      "train", "variants"))
+    p.add_argument("--no-feature-augment", **FLAG, help="no flips/rotations of the cached features")
+    p.add_argument("--text-dropout", type=float, help=_help("chance a window trains without its report", "train",
+                                                            "text_dropout"))
+    p.add_argument("--seed", type=int, help=_help("seed of the head's initialisation and sampling", "train", "seed"))
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--val-limit", type=int, help="use only the last N validation samples")
     p.add_argument("--resume", action="store_true",
@@ -243,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every run leaves one after each epoch until it completes")
     p.add_argument("--cache-dir", help="also keep frozen features on disk here (reused across runs)")
     p.add_argument("--cache-max-gb", type=float,
-                   help="the cache folder's size limit (default 20): least recently used feature files are deleted "
-                        "beyond it (0 = no limit; the running job's own files are kept)")
+                   help=_help("the cache folder's size limit in GB: least recently used feature files are deleted "
+                              "beyond it (0 = no limit; the running job's own files are kept)", "train",
+                              "cache_max_gb"))
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
 
