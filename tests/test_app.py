@@ -174,10 +174,11 @@ def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_di
 def test_a_stop_request_ends_training_after_its_epoch_and_publishes(client, monkeypatch):
     """DELETE /train/ asks the running training to stop (a file the trainer polls after every epoch) and waits
     for it to publish its best head; only what is still running after the grace period is killed."""
-    import textdiff.train
-    from lib import server_guards
     from monailabel.endpoints import train as train_endpoint
     from monailabel.interfaces.utils.app import app_instance
+
+    import textdiff.train
+    from lib import server_guards
 
     stop_file = app_instance()._trainers["textdiff"].stop_file
     real_epoch = textdiff.train.train_epoch

@@ -475,3 +475,25 @@ def test_benchmark_refuses_counts_that_would_time_nothing_before_loading_anythin
     for option in (["--reference-steps", "0"], ["--measured-epochs", "0"], ["--epochs", "2"]):
         assert main(["benchmark", "--data", str(lvit_folder.parent), *option]) == 2
         assert "reference steps >= 1 and epochs >= measured epochs" in capsys.readouterr().err
+
+
+def test_recipes_give_the_shipped_recipe_and_options_override_them(tmp_path):
+    from textdiff.cli import build_parser, recipe_configs
+
+    def configs(*extra):
+        return recipe_configs(build_parser().parse_args(["train", "--data", "d", "--out", "o", *extra]))
+
+    model, train_kw = configs()
+    assert model["scale"] == 0.6 and model["tile"] == 304 and model["labels"] == {"background": 0, "nucleus": 1}
+    assert train_kw["epochs"] == 20 and "window" not in model  # the dataclass default applies
+    model, train_kw = configs("--scale", "0.5", "--epochs", "3", "--no-text", "--cache-max-gb", "0")
+    assert model["scale"] == 0.5 and model["use_text"] is False and train_kw["epochs"] == 3
+    assert train_kw["cache_max_gb"] is None
+    model, _ = configs("--recipe", "chest-xray")
+    assert model["blocks"] == [0, 2] and model["scale"] == 1.0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nscael = 0.6\n")
+    with pytest.raises(ValueError, match="scael"):
+        configs("--recipe", str(bad))
+    with pytest.raises(ValueError, match="no recipe"):
+        configs("--recipe", "nonexistent")
