@@ -28,6 +28,8 @@ from monailabel.endpoints import train as train_endpoint
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
+from textdiff.accel.heap import release_free_heap
+
 from .security import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, LoopbackClientsOnly, check_infer_params, split_extension
 from .settings import AppSettings
 from .transforms import bad_request, parse_params
@@ -116,7 +118,11 @@ def guarded_routes(settings: AppSettings):
                 raise bad_request("give a datastore image id (?image=ID) or upload an image file")
             config = instance.info().get("config", {}).get("infer", {})
             with slots:
-                result = instance.infer({**config, **request, "model": model, "image": source})
+                try:
+                    result = instance.infer({**config, **request, "model": model, "image": source})
+                finally:
+                    # with heap tuning the freed maps stay with the process: give them back after every request
+                    release_free_heap()
             return infer_endpoint.send_response(instance.datastore(), result, output, background_tasks)
 
     def add_image(image: Optional[str] = None, params: str = Form("{}"), file: UploadFile = File(...),

@@ -49,7 +49,7 @@ class AppSettings:
     max_upload_mb: int = 1024  # largest uploaded image or label
     cors_origins: tuple[str, ...] = ()  # web pages allowed to call the server from a browser; () = none
     allow_remote: bool = False  # serve a non-loopback address without MONAI Label authentication
-    heap_tuning: bool = False  # glibc heap thresholds for this process (textdiff.accel.heap): faster, holds more memory
+    heap_tuning: bool = True  # glibc heap thresholds (textdiff.accel.heap), freed heap given back after each infer
 
     # conf key -> (field, parser). Every key is documented in the README.
     KEYS = {
