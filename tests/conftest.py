@@ -43,24 +43,6 @@ def tiny_model(tiny_unet_dir, tiny_encoder_dir):
     return TextDiffModel.build(config, "cpu")
 
 
-@pytest.fixture()
-def old_and_new_default(tmp_path, monkeypatch):
-    """Two tiny shipped backbones, "old" the default; returns a function that makes another one the default.
-    Mirrors the shipped default's one change (he-cxr-cpu -> he-cxr-h200)."""
-    import textdiff.backbone
-    import textdiff.model
-
-    shipped = tmp_path / "weights"
-    for seed, name in enumerate(("old", "new")):
-        tiny_unet_model(seed).save_pretrained(shipped / name)
-    (shipped / "model").mkdir()  # a model folder beside them is no backbone
-    (shipped / "model" / "config.json").write_text('{"backbone": "default"}')
-    monkeypatch.setattr(textdiff.backbone, "SHIPPED_BACKBONES", shipped)
-    monkeypatch.setattr(textdiff.backbone, "SHIPPED_DEFAULT", "old")
-    monkeypatch.setattr(textdiff.model, "_cached_backbone", textdiff.model._cached_backbone.__wrapped__)
-    return lambda name: monkeypatch.setattr(textdiff.backbone, "SHIPPED_DEFAULT", name)
-
-
 @pytest.fixture(scope="session")
 def monuseg_crops():
     """Three 96x96 crops of real MoNuSeg tiles with their masks ({0,255}) and reports."""

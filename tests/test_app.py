@@ -134,21 +134,22 @@ def test_test_time_variants_setting_reaches_the_served_model(tiny_model, tmp_pat
     assert ModelStore(settings.replace(test_time_variants=None)).current().config.test_time_variants == 1
 
 
-def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_dir, tmp_path, monkeypatch,
-                                                                 old_and_new_default):
-    """An initial model saved with backbone "default" on a former default is served on that one (its fingerprint),
-    so the heads trained from it use it too, unless --conf backbone names another."""
+def test_heads_trained_in_the_app_follow_the_initial_models_recipe(tiny_unet_dir, tiny_encoder_dir, tmp_path,
+                                                                    monkeypatch):
+    """New heads use the initial model's backbone and recipe, unless --conf names others."""
     import warnings
 
     monkeypatch.syspath_prepend(str(APP_DIR))
     from lib.model_store import ModelStore
     from lib.settings import AppSettings
     from lib.trainers.textdiff import TextDiffTrain
+    from support import tiny_unet_model
     from textdiff.model import ModelConfig, TextDiffModel
 
-    config = ModelConfig(text_encoder=str(tiny_encoder_dir), window=32, tile=64, head_dim=16, precision="fp32")
+    config = ModelConfig(backbone=str(tiny_unet_dir), text_encoder=str(tiny_encoder_dir), window=32, tile=64,
+                         head_dim=16, precision="fp32")
     TextDiffModel.build(config, "cpu").save(tmp_path / "initial")
-    old_and_new_default("new")
+    tiny_unet_model(1).save_pretrained(tmp_path / "other")
 
     def new_head(**conf):
         settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), **conf}, tmp_path)
@@ -158,10 +159,11 @@ def test_heads_trained_in_the_app_use_the_served_models_backbone(tiny_encoder_di
             return ModelStore(settings).current(), TextDiffModel.build(trainer.new_model_config(), "cpu")
 
     served, head = new_head()
-    assert served.config.backbone == head.config.backbone == "old"
+    assert served.config.backbone == head.config.backbone == str(tiny_unet_dir)
     assert head.features.fingerprint() == served.features.fingerprint()
-    served, head = new_head(backbone="new")
-    assert head.config.backbone == "new" and head.features.fingerprint() != served.features.fingerprint()
+    served, head = new_head(backbone=str(tmp_path / "other"))
+    assert head.config.backbone == str(tmp_path / "other")
+    assert head.features.fingerprint() != served.features.fingerprint()
     # the head's recipe follows the initial model unless --conf says otherwise
     assert not served.config.subpixel and not head.config.subpixel and not head.head.subpixel
     served, head = new_head(subpixel="true", scale="0.25")

@@ -228,6 +228,33 @@ def test_dihedral_augmentation_inside_the_head_equals_transforming_its_input():
         assert not torch.allclose(moved, head(feats, text), atol=1e-3)
 
 
+def test_the_image_path_joins_the_head_turns_with_it_and_learns(tmp_path):
+    """The trainable U-Net on the clean image (the last input) is part of the head: the dihedral augmentation
+    still equals turning the inputs, its output changes the logits, and it gets gradients."""
+    from textdiff.head import rotate_flip
+
+    torch.manual_seed(0)
+    head = FusionHead([40, 6, 3], text_dim=32, dim=16, strides=[4, 2, 1], upsample=[False, True, False],
+                      image_path=[4, 8]).eval()
+    plain = FusionHead([40, 6, 3], text_dim=32, dim=16, strides=[4, 2, 1], upsample=[False, True, False])
+    assert head.image_path is not None and plain.image_path is None
+    feats = [torch.randn(2, 40, 4, 4), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 16, 16)]
+    text = torch.randn(2, 5, 32)
+    for turns, flip in ((1, False), (2, True), (3, True)):
+        moved = head([rotate_flip(f, turns, flip) for f in feats], text)
+        torch.testing.assert_close(head(feats, text, dihedral=(turns, flip)), moved, rtol=1e-4, atol=1e-5)
+    before = head(feats, text)
+    with torch.no_grad():
+        last = [m for m in head.image_path.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+        last.weight.mul_(3.0)  # the path's output layer: its output moves the logits
+    assert not torch.allclose(head(feats, text), before, atol=1e-4)
+    head.train()
+    head(feats, text).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.image_path.parameters())
+    with pytest.raises(ValueError, match="image_path needs the clean image"):
+        FusionHead([40, 6], text_dim=32, dim=16, strides=[4, 2], image_path=[4, 8])
+
+
 def test_turning_inside_a_positional_head_equals_features_of_the_turned_image_mapped_back():
     """The training augmentation (features turned inside the head, the position grid with them) gives what features
     of the turned image give when their positions map back through ``variants``: every token keeps its place in
@@ -558,44 +585,6 @@ def test_save_load_roundtrip(tiny_model, tmp_path):
     torch.testing.assert_close(current.head.classifier.bias, tiny_model.head.classifier.bias)
 
 
-def test_a_model_trained_on_a_former_default_backbone_keeps_it(tiny_encoder_dir, tmp_path, old_and_new_default):
-    """The shipped default backbone changed once (he-cxr-cpu -> he-cxr-h200): a head saved with backbone "default"
-    keeps the shipped backbone its fingerprint names, since it would segment nonsense on another one."""
-    import warnings
-
-    import textdiff.backbone
-    from textdiff.model import ModelConfig, TextDiffModel
-
-    shipped = tmp_path / "weights"
-    assert textdiff.backbone.shipped_backbones() == ["new", "old"]
-
-    config = ModelConfig(text_encoder=str(tiny_encoder_dir), window=32, tile=64, head_dim=16, precision="fp32")
-    torch.manual_seed(0)
-    model = TextDiffModel.build(config, "cpu")
-    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-    before = model.predict_proba(image, "dense nuclei")
-    model.save(tmp_path / "m")
-
-    old_and_new_default("new")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        loaded = TextDiffModel.load(tmp_path / "m", "cpu")
-    assert loaded.config.backbone == "old"
-    torch.testing.assert_close(loaded.predict_proba(image, "dense nuclei"), before)
-    # a new model gets the new default; a head whose backbone is shipped no more is refused (it would segment nonsense)
-    fresh = ModelConfig.from_dict({**config.to_dict(), "backbone_fingerprint": None})
-    assert TextDiffModel.build(fresh, "cpu").features.fingerprint() != loaded.features.fingerprint()
-    import shutil
-
-    shutil.rmtree(shipped / "old")
-    with pytest.raises(ValueError, match="not the one this head was trained on"):
-        TextDiffModel.load(tmp_path / "m", "cpu")
-    with warnings.catch_warnings():  # a fresh head from that recipe has nothing to mismatch
-        warnings.simplefilter("error", UserWarning)
-        saved = ModelConfig.from_dict(json.loads((tmp_path / "m" / "config.json").read_text()))
-        assert TextDiffModel.build(saved, "cpu").config.backbone == "default"
-
-
 # ----- data -----------------------------------------------------------------------------------------------------------
 def test_mask_normalisation():
     assert normalize_mask(np.array([[0, 255]], np.uint8)).tolist() == [[0, 1]]
@@ -735,11 +724,16 @@ def test_subpixel_head_has_no_full_resolution_map_and_turns_its_input_exactly():
         [False, True, True]
 
 
-def test_models_saved_before_upsampler_input_keep_hooking_outputs():
-    from textdiff.model import ModelConfig
+def test_a_model_config_of_another_format_is_refused_with_the_reason(tiny_model, tmp_path):
+    from textdiff.model import FORMAT, ModelConfig, TextDiffModel
 
-    assert ModelConfig.from_dict({}).upsampler_input is True  # new models
-    assert ModelConfig.from_dict({"feature_channels": [4, 8]}).upsampler_input is False  # a trained, older config
+    tiny_model.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["format"] == FORMAT and ModelConfig.from_dict(saved) == tiny_model.config
+    for other in ({k: v for k, v in saved.items() if k != "format"}, saved | {"format": FORMAT + 1}):
+        (tmp_path / "m" / "config.json").write_text(json.dumps(other))
+        with pytest.raises(ValueError, match=f"this textdiff reads format {FORMAT}.*train the head again"):
+            TextDiffModel.load(tmp_path / "m", "cpu")
 
 
 def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():

@@ -149,9 +149,7 @@ def test_disk_cache_is_memory_mapped_and_equal_to_a_fresh_extraction(tiny_model,
             assert y.untyped_storage().resizable()
 
 
-def test_cached_maps_batch_channels_last_and_old_cache_files_still_load(tiny_model, lvit_folder, tmp_path):
-    import json
-
+def test_cached_maps_batch_channels_last_and_other_layouts_are_extracted_again(tiny_model, lvit_folder, tmp_path):
     import torch
     from safetensors.torch import save_file
 
@@ -164,26 +162,97 @@ def test_cached_maps_batch_channels_last_and_old_cache_files_still_load(tiny_mod
     for crop in crops:
         batch = stack_windows([crop, crop])
         assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch[1], crop)
-    # a file written before the pixel-major layout: (C, h, w) maps without a layout tag
     [path] = (tmp_path / "cache").glob("*.safetensors")
     tensors, meta = map_safetensors(path)
     assert meta["layout"] == "hwc"
-    old = {name: t.permute(2, 0, 1).contiguous() for name, t in tensors.items()}
-    save_file(old, str(path), metadata={k: v for k, v in meta.items() if k != "layout"})
     reader = FeatureCache(tiny_model, tmp_path / "cache")
     again = reader.get(sample)
-    assert reader.extractions == 0 and json.loads(meta["starts"])
+    assert reader.extractions == 0
     for a, b in zip(again.tiles, fresh.tiles):
         for x, y in zip(a.features, b.features):
             assert torch.equal(x, y) and not x.untyped_storage().resizable()
-    # a layout this version does not know (a newer install's file) is extracted again, never misread
-    save_file(old, str(path), metadata=dict(meta, layout="some-future-layout"))
-    reader = FeatureCache(tiny_model, tmp_path / "cache")
-    again = reader.get(sample)
-    assert reader.extractions == len(fresh.tiles)
-    for a, b in zip(again.tiles, fresh.tiles):
-        for x, y in zip(a.features, b.features):
-            assert torch.equal(x, y)
+    # a file of another layout (untagged, or a newer install's) is extracted again, never misread
+    other = {name: t.permute(2, 0, 1).contiguous() for name, t in tensors.items()}
+    for metadata in ({k: v for k, v in meta.items() if k != "layout"}, dict(meta, layout="some-future-layout")):
+        save_file(other, str(path), metadata=metadata)
+        reader = FeatureCache(tiny_model, tmp_path / "cache")
+        again = reader.get(sample)
+        assert reader.extractions == len(fresh.tiles)
+        for a, b in zip(again.tiles, fresh.tiles):
+            for x, y in zip(a.features, b.features):
+                assert torch.equal(x, y)
+
+
+def test_a_step_budget_sets_the_epochs_and_validation_runs_about_ten_times(tiny_model, lvit_folder, tmp_path):
+    samples = read_lvit(lvit_folder)
+    # 2 images of 96 px in 32 px windows: 18 windows, 5 steps of 4 per epoch; 100 steps -> 20 epochs
+    summary = train(tiny_model, samples[:2], samples[2:], tmp_path / "m", TrainConfig(train_steps=100), progress=False)
+    assert summary["epochs"] == summary["epochs_run"] == 20
+    assert [h["epoch"] for h in summary["history"] if "dice" in h] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+
+
+def test_the_moving_average_is_what_is_validated_and_saved(tiny_model, lvit_folder, tmp_path):
+    """With ema the saved head is the average of the trained weights; select "last" keeps the last epoch's even
+    when an earlier one validated better."""
+    import torch
+
+    from textdiff.model import TextDiffModel
+
+    samples = read_lvit(lvit_folder)
+    trained = {}
+    real_update = torch.optim.swa_utils.AveragedModel.update_parameters
+
+    def spy(self, model):
+        real_update(self, model)
+        trained["head"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trained["average"] = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    torch.optim.swa_utils.AveragedModel.update_parameters = spy
+    try:
+        summary = train(tiny_model, samples[:2], samples[2:], tmp_path / "m",
+                        TrainConfig(epochs=4, ema=0.9, select="last", lr=3e-3), progress=False)
+    finally:
+        torch.optim.swa_utils.AveragedModel.update_parameters = real_update
+    saved = TextDiffModel.load(tmp_path / "m", "cpu").head.state_dict()
+    assert summary["best"]["epoch"] == 4
+    for name, value in saved.items():
+        torch.testing.assert_close(value, trained["average"][name])
+    assert any(not torch.allclose(saved[k], trained["head"][k]) for k in saved)
+    with pytest.raises(ValueError, match="ema must be in"):
+        train(tiny_model, samples[:2], [], tmp_path / "x", TrainConfig(epochs=1, ema=1.0), progress=False)
+    with pytest.raises(ValueError, match="select must be"):
+        train(tiny_model, samples[:2], [], tmp_path / "x", TrainConfig(epochs=1, select="worst"), progress=False)
+
+
+def test_unlabeled_images_train_the_head_without_their_masks_being_read(tiny_model, lvit_folder, tmp_path):
+    import copy
+    import shutil
+
+    samples = read_lvit(lvit_folder)
+    pool = tmp_path / "pool"
+    shutil.copytree(lvit_folder, pool)
+    shutil.rmtree(pool / "labelcol")  # an unlabeled pool: images (and reports), no masks
+    unlabeled = read_lvit(pool, require_masks=False)
+    assert all(s.mask is None for s in unlabeled)
+    start = copy.deepcopy(tiny_model.head.state_dict())
+    heads = {}
+    for weight in (0.0, 1.0):  # the same windows drawn either way: only the consistency loss differs
+        tiny_model.head.load_state_dict(start)
+        config = TrainConfig(epochs=2, ema=0.9, select="last", pseudo_threshold=0.0, unlabeled_weight=weight)
+        summary = train(tiny_model, samples[:1], [], tmp_path / "m", config, progress=False,
+                        unlabeled_samples=unlabeled)
+        assert summary["unlabeled_images"] == 3
+        heads[weight] = copy.deepcopy(tiny_model.head.state_dict())
+    assert any(not torch_equal(heads[0.0][k], heads[1.0][k]) for k in start)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        train(tiny_model, samples[:1], [], tmp_path / "c", TrainConfig(epochs=1), progress=False,
+              unlabeled_samples=unlabeled)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
 
 
 def test_validation_every_n_epochs_and_after_the_last(tiny_model, lvit_folder, tmp_path):
@@ -252,6 +321,45 @@ def test_resuming_with_other_options_or_a_damaged_state_fails_before_extracting(
     summary = train(tiny_model, samples[:2], samples[2:], out, TrainConfig(epochs=2, checkpoint=True),
                     progress=False, cache=cache)
     assert summary["resumed_at_epoch"] is None and not (out / TRAIN_STATE_NAME).exists()
+
+
+def test_several_structures_train_and_evaluate_per_class(lvit_folder, tiny_unet_dir, tiny_encoder_dir, tmp_path,
+                                                           capsys):
+    """Class-index masks in another mask folder: one head for all classes, Dice per class and their mean."""
+    from PIL import Image as PILImage
+
+    from textdiff.cli import build_parser
+
+    two = lvit_folder / "labelcol_two"
+    two.mkdir()
+    for mask in sorted((lvit_folder / "labelcol").iterdir()):
+        binary = np.asarray(PILImage.open(mask)) > 0
+        label = binary.astype(np.uint8)  # 1 = "cell" where the binary mask is set; 2 = "edge" in a band around it
+        label[(label == 0) & np.roll(binary, 3, axis=1)] = 2
+        PILImage.fromarray(label).save(two / mask.name)
+    model_dir = tmp_path / "model"
+    common = ["--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32"]
+    assert main(["train", "--data", str(lvit_folder), "--out", str(model_dir), "--masks", "labelcol_two",
+                 "--labels", "cell,edge", "--epochs", "1", "--head-dim", "16", *common]) == 0
+    assert json.loads((model_dir / "config.json").read_text())["labels"] == {"background": 0, "cell": 1, "edge": 2}
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--masks", "labelcol_two",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["per_class"]) == {"cell", "edge"}
+    assert result["dice"] == pytest.approx(np.mean([v["dice"] for v in result["per_image"].values()]))
+    assert np.mean([c["dice"] for c in result["per_class"].values()]) == pytest.approx(result["dice"], abs=1e-3)
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--masks", "labelcol_two"]) == 0
+    assert "class edge" in capsys.readouterr().out
+    # a 3-class mask for a binary model is refused with its values, and mask folders are names, not paths
+    binary_dir = tmp_path / "binary"
+    assert main(["train", "--data", str(lvit_folder), "--out", str(binary_dir), "--masks", "labelcol_two",
+                 "--epochs", "1", "--head-dim", "16", *common]) != 0
+    assert "not in 0..1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="folder name"):
+        read_lvit(lvit_folder, masks="../labelcol")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--labels", "background,x"])
 
 
 def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_dir, tmp_path, capsys):
@@ -485,9 +593,10 @@ def test_recipes_give_the_shipped_recipe_and_options_override_them(tmp_path):
 
     model, train_kw = configs()
     assert model["scale"] == 0.6 and model["tile"] == 304 and model["labels"] == {"background": 0, "nucleus": 1}
-    assert train_kw["epochs"] == 20 and "window" not in model  # the dataclass default applies
+    assert train_kw["train_steps"] == 480 and "window" not in model  # the dataclass default applies
     model, train_kw = configs("--scale", "0.5", "--epochs", "3", "--no-text", "--cache-max-gb", "0")
     assert model["scale"] == 0.5 and model["use_text"] is False and train_kw["epochs"] == 3
+    assert train_kw.get("train_steps") is None  # epochs given: the recipe's step budget no longer decides them
     assert train_kw["cache_max_gb"] is None
     model, _ = configs("--recipe", "chest-xray")
     assert model["blocks"] == [0, 2] and model["scale"] == 1.0

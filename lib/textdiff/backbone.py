@@ -26,9 +26,7 @@ DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_NOISE_SEED = 0
 SHIPPED_BACKBONES = Path(__file__).parent / "weights"
 DEFAULT_BACKBONE = "default"
-# the folder that "default" names: the GPU-pretrained backbone (its recipe.json); the first, CPU-pretrained default
-# ships on as "he-cxr-cpu" (the results' curves use it, and models trained on it keep it: see TextDiffModel.build)
-SHIPPED_DEFAULT = "he-cxr-h200"
+SHIPPED_DEFAULT = "he-cxr-h200"  # the folder "default" names (its recipe.json says how it was pretrained)
 RANDOM_BACKBONE = "random"  # "random" or "random:FOLDER": same architecture, random initialisation
 
 
@@ -48,11 +46,6 @@ def _resolve_shipped(name: str) -> Path | None:
         return None
     folder = SHIPPED_BACKBONES / (SHIPPED_DEFAULT if name == DEFAULT_BACKBONE else name)
     return folder if _is_unet_folder(folder) else None
-
-
-def shipped_backbones() -> list[str]:
-    """Names of the backbones shipped in the package (each one a valid ``--backbone``)."""
-    return sorted(p.name for p in SHIPPED_BACKBONES.iterdir() if _is_unet_folder(p))
 
 
 def load_unet(source: str | os.PathLike | None = None):

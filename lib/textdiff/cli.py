@@ -13,8 +13,7 @@ DEVICE_HELP = "torch device, e.g. cpu, cuda:1 (default: cuda when present, else 
 PRECISION_HELP = "compute precision (default auto: bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32)"
 
 
-BACKBONE_HELP = ("UNet2DModel folder, hub id, or a shipped backbone: 'default' (GPU-pretrained he-cxr-h200) or "
-                 "'he-cxr-cpu' (the first, CPU-pretrained default)")
+BACKBONE_HELP = "UNet2DModel folder, hub id, or 'default' (the shipped backbone, he-cxr-h200)"
 
 
 TTA_HELP = "average inference over K flips/rotations of the image (1-8; K times the backbone time)"
@@ -34,6 +33,13 @@ def _recipe_names() -> list[str]:
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
+
+
+def _names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or len(set(names)) != len(names) or "background" in names:
+        raise argparse.ArgumentTypeError(f"expected distinct class names other than 'background', got {text!r}")
+    return names
 
 
 def _default(section: str, name: str):
@@ -61,9 +67,12 @@ OPTION_FIELDS = {
     "position": ("model", "position", None), "upsampler_output": ("model", "upsampler_input", lambda v: not v),
     "head_dim": ("model", "head_dim", None), "text_min_stride": ("model", "text_min_stride", None),
     "subpixel": ("model", "subpixel", None), "precision": ("model", "precision", None),
-    "label": ("model", "labels", lambda v: {"background": 0, v: 1}),
+    "labels": ("model", "labels", lambda names: {"background": 0} | {n: i + 1 for i, n in enumerate(names)}),
     "test_time_variants": ("model", "test_time_variants", None),
-    "epochs": ("train", "epochs", None), "val_every": ("train", "val_every", None), "lr": ("train", "lr", None),
+    "image_path": ("model", "image_path", lambda v: [w for w in v if w] or None), "ema": ("train", "ema", None),
+    "select": ("train", "select", None), "unlabeled_weight": ("train", "unlabeled_weight", None),
+    "epochs": ("train", "epochs", None), "train_steps": ("train", "train_steps", None),
+    "val_every": ("train", "val_every", None), "lr": ("train", "lr", None),
     "batch_size": ("train", "batch_size", None), "variants": ("train", "variants", None),
     "no_feature_augment": ("train", "feature_augment", lambda v: not v),
     "text_dropout": ("train", "text_dropout", None), "seed": ("train", "seed", None),
@@ -100,9 +109,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subpixel", action=argparse.BooleanOptionalAction,
                    help=_help("a head without full-resolution maps (the image folded into 2x2 blocks): ~1.2x faster "
                               "head epochs on CPU, ~0.01 lower Dice on MoNuSeg's small nuclei", "model", "subpixel"))
+    p.add_argument("--image-path", type=_ints, metavar="WIDTHS",
+                   help=_help("widths of a trainable U-Net on the clean image joined to the head, e.g. "
+                              "16,32,64,128,256; 0 = none", "model", "image_path"))
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help=_help(PRECISION_HELP, "model",
                                                                                        "precision"))
-    p.add_argument("--label", help="name of the foreground class (default: the recipe's)")
+    p.add_argument("--labels", type=_names, metavar="NAMES",
+                   help="foreground class names, comma-separated; masks hold their indices 1, 2, ... (a {0, 255} "
+                        "mask is one class) (default: the recipe's)")
     p.add_argument("--test-time-variants", type=int, metavar="K",
                    help=_help(TTA_HELP + " when the model is used", "model", "test_time_variants"))
 
@@ -122,6 +136,8 @@ def recipe_configs(args) -> tuple[dict, dict]:
         value = getattr(args, dest, None)
         if value is not None:
             recipe[section][name] = convert(value) if convert else value
+    if getattr(args, "epochs", None) is not None and getattr(args, "train_steps", None) is None:
+        recipe["train"].pop("train_steps", None)  # epochs asked for: not the recipe's step budget
     return recipe["model"], recipe["train"]
 
 
@@ -133,12 +149,15 @@ def cmd_train(args) -> int:
     if args.cache_max_gb is not None and args.cache_max_gb < 0:  # before minutes of loading and extraction
         raise ValueError(f"--cache-max-gb must be >= 0 (0 = no limit), got {args.cache_max_gb}")
     model_kw, train_kw = recipe_configs(args)
-    samples = [s for folder in args.data for s in read_lvit(folder)]
-    val = [s for folder in args.val for s in read_lvit(folder)] if args.val else []
+    samples = [s for folder in args.data for s in read_lvit(folder, masks=args.masks)]
+    val = [s for folder in args.val for s in read_lvit(folder, masks=args.masks)] if args.val else []
     if args.limit:
         samples = samples[: args.limit]
     if args.val_limit:
         val = val[-args.val_limit:]
+    labeled = {s.image.resolve() for s in samples}
+    unlabeled = [s for folder in args.unlabeled or [] for s in read_lvit(folder, require_masks=False)
+                 if s.image.resolve() not in labeled]
     config = ModelConfig(**model_kw)
     train_config = TrainConfig(**train_kw, checkpoint=True, resume=args.resume)
     from .distributed import setup, teardown
@@ -150,7 +169,7 @@ def cmd_train(args) -> int:
               if has_state else f"note: no training state in {args.out} to resume; starting from epoch 1",
               file=sys.stderr)
     model = TextDiffModel.build(config, _device(args.device) or device, seed=train_config.seed)
-    summary = train(model, samples, val, args.out, train_config)
+    summary = train(model, samples, val, args.out, train_config, unlabeled_samples=unlabeled)
     teardown()
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
@@ -168,7 +187,7 @@ def cmd_evaluate(args) -> int:
     from .data import read_lvit
     from .evaluate import evaluate
 
-    samples = [s for folder in args.data for s in read_lvit(folder)]
+    samples = [s for folder in args.data for s in read_lvit(folder, masks=args.masks)]
     if args.limit:
         samples = samples[-args.limit:]
     result = evaluate(_load(args), samples, args.overlays, use_reports=not args.ignore_reports)
@@ -177,6 +196,9 @@ def cmd_evaluate(args) -> int:
     else:
         for name, v in result["per_image"].items():
             print(f"{name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
+        if len(result["per_class"]) > 1:
+            for name, v in result["per_class"].items():
+                print(f"{'class ' + name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
         print(f"{'mean over ' + str(result['n']) + ' images':40s} Dice {result['dice']:.4f}  IoU {result['iou']:.4f}")
     return 0
 
@@ -269,13 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="few-shot training of the fusion head on LViT-format folders")
     p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")
     p.add_argument("--val", action="append", help="LViT folder for model selection (repeatable)")
+    p.add_argument("--unlabeled", action="append",
+                   help="LViT-style folder (img/, reports optional) of images to learn from without labels "
+                        "(repeatable; their masks are never read, images also in --data are skipped)")
     p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--masks", default="labelcol", help="mask folder beside img/ in each LViT folder (default: "
+                                                        "%(default)s)")
     p.add_argument("--recipe", default=_recipes_default(),
                    help="a shipped recipe (" + ", ".join(_recipe_names()) + ") or a .toml file of ModelConfig/"
                         "TrainConfig fields; options given here override it (default: %(default)s, the shipped "
                         "model's)")
     _add_model_options(p)
-    p.add_argument("--epochs", type=int, help=_help("passes over the training windows", "train", "epochs"))
+    p.add_argument("--epochs", type=int, help=_help("passes over the training windows (replaces the recipe's "
+                                                    "--train-steps)", "train", "epochs"))
+    p.add_argument("--train-steps", type=int, help=_help("optimizer steps of the run, which then decide the epochs",
+                                                         "train", "train_steps"))
     p.add_argument("--val-every", type=int, help=_help("validate every N epochs (and after the last)", "train",
                                                        "val_every"))
     p.add_argument("--lr", type=float, help=_help("Adam learning rate of the head", "train", "lr"))
@@ -286,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-dropout", type=float, help=_help("chance a window trains without its report", "train",
                                                             "text_dropout"))
     p.add_argument("--seed", type=int, help=_help("seed of the head's initialisation and sampling", "train", "seed"))
+    p.add_argument("--ema", type=float, help=_help("decay of the moving average of the head's weights that is "
+                                                   "validated and saved (0 = off)", "train", "ema"))
+    p.add_argument("--unlabeled-weight", type=float,
+                   help=_help("weight of the consistency loss on --unlabeled images", "train", "unlabeled_weight"))
+    p.add_argument("--select", choices=["best", "last"],
+                   help=_help("which epoch's head is saved: the best on validation, or the last", "train", "select"))
     p.add_argument("--limit", type=int, help="use only the first N training samples")
     p.add_argument("--val-limit", type=int, help="use only the last N validation samples")
     p.add_argument("--resume", action="store_true",
@@ -302,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="per-image mean Dice / IoU at native resolution")
     p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")
     p.add_argument("--model", required=True, help="model folder written by textdiff train")
+    p.add_argument("--masks", default="labelcol", help="mask folder beside img/ in each LViT folder (default: "
+                                                        "%(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--overlays", help="write image/ground truth/prediction PNGs here")
     p.add_argument("--limit", type=int, help="evaluate only the last N samples")

@@ -149,10 +149,13 @@ def _find_image(img_dir: Path, mask_name: str) -> Path | None:
     return None
 
 
-def read_lvit(folder: str | Path, require_masks: bool = True) -> list[Sample]:
-    """Samples of an LViT split folder: ``img/``, ``labelcol/``, ``<Split>_text.xlsx`` (Image = mask file name)."""
+def read_lvit(folder: str | Path, require_masks: bool = True, masks: str = "labelcol") -> list[Sample]:
+    """Samples of an LViT split folder: ``img/``, ``labelcol/``, ``<Split>_text.xlsx`` (Image = mask file name).
+    ``masks``: another mask folder beside ``img/`` (e.g. class-index masks of several structures)."""
     folder = Path(folder)
-    img_dir, mask_dir = folder / "img", folder / "labelcol"
+    if not masks or Path(masks).name != masks or masks in (".", ".."):
+        raise ValueError(f"the mask folder must be a folder name beside img/, got {masks!r}")
+    img_dir, mask_dir = folder / "img", folder / masks
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{folder} is not an LViT folder: {img_dir} is missing")
     sheets = sorted(folder.glob("*_text.xlsx"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import UNet
 from torch import nn
 
 from .accel import kernels
@@ -132,7 +133,7 @@ class FusionHead(nn.Module):
     def __init__(self, in_channels: list[int], text_dim: int, num_classes: int = 2, dim: int = 64, heads: int = 4,
                  use_text: bool = True, strides: list[int] | None = None, text_min_stride: int = 4,
                  fuse_dim: int = 32, fine_dim: int = 16, upsample: list[bool] | None = None,
-                 position: bool = False, subpixel: bool = False):
+                 position: bool = False, subpixel: bool = False, image_path: list[int] | None = None):
         super().__init__()
         self.use_text = use_text
         self.upsample = list(upsample) if upsample else [False] * len(in_channels)
@@ -164,17 +165,26 @@ class FusionHead(nn.Module):
         # one linear map per scale into the fused width (a 1x1 conv of the concatenation, split per scale)
         self.to_fused = nn.ModuleList(
             nn.Conv2d(d, fine_dim if f else fuse_dim, 1, bias=False) for d, f in zip(dims, self.fine))
-        # nn.Identity: where GELU was its own module, which keeps the numbering (the weights' names in saved heads)
-        self.coarse = nn.Sequential(_norm_gelu(fuse_dim), nn.Identity(),
+        self.coarse = nn.Sequential(_norm_gelu(fuse_dim),
                                     nn.Conv2d(fuse_dim, fuse_dim, 3, padding=1), _norm_gelu(fuse_dim))
         if any(self.fine):
             self.coarse_to_fine = nn.Conv2d(fuse_dim, fine_dim, 1)
-            self.refine = nn.Sequential(_norm_gelu(fine_dim), nn.Identity(),
+            self.refine = nn.Sequential(_norm_gelu(fine_dim),
                                         nn.Conv2d(fine_dim, fine_dim, 3, padding=1), _norm_gelu(fine_dim))
             out_dim = fine_dim
         else:
             self.coarse_to_fine = self.refine = None
             out_dim = fuse_dim
+        # image_path: a small trainable U-Net on the clean image (the last input, full resolution), joined to the
+        # fine stage. The frozen features carry the head with few labels; with many, this path lets the model learn
+        # what a U-Net trained on the same labels would, which the frozen features alone cap
+        self.image_path = None
+        if image_path:
+            if not any(self.fine) or not self.fine[-1] or self.subpixel:
+                raise ValueError("image_path needs the clean image as the head's last, full-resolution input "
+                                 "(include_image) and no subpixel head")
+            self.image_path = UNet(2, in_channels[-1], fine_dim, channels=list(image_path),
+                                   strides=[2] * (len(image_path) - 1), num_res_units=2)
         # the folded image's projection also reaches the classifier directly: where in its 2x2 block an edge
         # lies is pixel detail that the fused 3x3 stage, shared by every scale, blurs
         skip = sum(d for d, f in zip(dims, self.fold) if f)
@@ -192,6 +202,11 @@ class FusionHead(nn.Module):
         flipped sample's "upper right" still points where the report meant. ``variants``: per sample, the
         (turns, flip) its image was transformed by before feature extraction; positions are mapped back through it."""
         coarse, fine, folded = [], [], []
+        if self.image_path is not None:
+            image = features[-1]
+            if not torch.is_autocast_enabled(image.device.type):
+                image = image.to(next(self.image_path.parameters()).dtype)
+            fine.append(self.image_path(rotate_flip(image, *dihedral) if dihedral is not None else image))
         for i, feature in enumerate(features):
             if not torch.is_autocast_enabled(feature.device.type):  # under autocast the conv casts (once)
                 feature = feature.to(self.project[i][0].weight.dtype)

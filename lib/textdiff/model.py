@@ -30,7 +30,6 @@ from .backbone import (
     _autocast,
     load_unet,
     resolve_precision,
-    shipped_backbones,
 )
 from .data import Image
 from .head import VARIANTS, FusionHead, rotate_flip, unrotate_flip
@@ -43,6 +42,7 @@ CONFIG_NAME = "config.json"
 MAX_WINDOWS = 2048
 DEFAULT_HEAD = "default"  # the shipped model folder (default backbone + a head trained on MoNuSeg)
 SHIPPED_MODEL = Path(__file__).parent / "weights" / "model"
+FORMAT = 1  # of config.json and the head's weight names; a model of another format is refused, not converted
 
 
 def resolve_model_dir(model_dir: str | os.PathLike) -> Path:
@@ -78,6 +78,8 @@ class ModelConfig:
     text_min_stride: int = 4  # scales at least this coarse attend to the report (1: every scale, as in the paper)
     subpixel: bool = False  # no full-resolution maps in the head: the image folded into 2x2 pixel blocks, 4 pixels
     # per prediction (head epochs ~1.2x faster on CPU; MoNuSeg Val -0.01 Dice)
+    image_path: list[int] | None = None  # widths of a trainable U-Net on the clean image joined to the head (a
+    # hybrid: with many labels never below a U-Net trained on the same labels); None = the frozen features only
     precision: str = "auto"
     feature_channels: list[int] | None = None  # filled when the head is built
     backbone_fingerprint: str | None = None
@@ -89,18 +91,17 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        if data.get("format") != FORMAT:
+            raise ValueError(f"model config format {data.get('format')!r}: this textdiff reads format {FORMAT} "
+                             "(a model saved by another version); train the head again with `textdiff train`")
+        known = {f.name for f in dataclasses.fields(cls)} | {"format"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        data = dict(data)
-        if "feature_channels" in data:  # a trained model from before these fields existed: their old behaviour
-            data.setdefault("upsampler_input", False)
-            data.setdefault("position", False)
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k != "format"})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"format": FORMAT} | dataclasses.asdict(self)
 
 
 def default_device() -> torch.device:
@@ -154,17 +155,9 @@ class TextDiffModel(torch.nn.Module):
 
         features = features_of(unet if unet is not None else frozen_backbone(config.backbone, str(device)))
         fingerprint = features.fingerprint()
-        if (unet is None and config.backbone == DEFAULT_BACKBONE and config.backbone_fingerprint
-                and config.backbone_fingerprint != fingerprint):
-            # a model trained on an earlier default backbone keeps that backbone: the shipped default changed
-            # (he-cxr-cpu -> he-cxr-h200), and a head applied to another backbone's features segments nonsense
-            for name in shipped_backbones():
-                candidate = features_of(frozen_backbone(name, str(device)))
-                if candidate.fingerprint() == config.backbone_fingerprint:
-                    logger.info("model trained on the former default backbone %r: using it", name)
-                    config.backbone, features, fingerprint = name, candidate, config.backbone_fingerprint
-                    break
         config.blocks = list(features.blocks)
+        if config.image_path and not config.include_image:
+            raise ValueError("image_path runs on the clean image: it needs include_image")
         check_test_time_variants(config.test_time_variants)
         for name in ("window", "tile"):
             if getattr(config, name) % features.multiple:
@@ -184,7 +177,7 @@ class TextDiffModel(torch.nn.Module):
             head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
                               config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
                               upsample=list(spec.upsample), position=config.position,
-                              subpixel=config.subpixel).to(device)
+                              subpixel=config.subpixel, image_path=config.image_path).to(device)
         if config.subpixel and not head.subpixel:  # the config says what the head is, not what was asked
             logger.warning("subpixel: these blocks give no full-resolution scale to fold; the head is the plain one")
             config.subpixel = False

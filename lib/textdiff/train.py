@@ -42,6 +42,8 @@ DEFAULT_CACHE_MAX_GB = 20.0
 @dataclass
 class TrainConfig:
     epochs: int = 50
+    train_steps: int | None = None  # the run's optimizer steps; set, it decides the epochs (at least one), so that
+    # a few labels train as long as many, and validation runs ~10 times (every max(val_every, epochs // 10))
     lr: float = 1e-3
     batch_size: int = 4
     seed: int = 0
@@ -50,6 +52,14 @@ class TrainConfig:
     text_dropout: float = 0.5  # chance a window is trained without its report: keeps the head from memorising
     # images by their (nearly unique) reports, so text is used where it carries information
     lambda_dice: float = 1.5
+    ema: float = 0.0  # decay of a moving average of the head's weights (updated every step), which is what is
+    # validated and saved; 0 = the weights as trained
+    select: str = "best"  # the saved head: "best" validation epoch, or "last" (validation only reports: a choice
+    # among epochs on a handful of validation images fits their noise)
+    unlabeled_weight: float = 1.0  # of the consistency loss on unlabeled images (when train() is given some): the
+    # head learns to predict, under another flip/rotation and without the report half of the time, the confident
+    # pixels of its moving average's prediction (mean teacher; needs ema > 0)
+    pseudo_threshold: float = 0.9  # teacher probability above which a pixel of an unlabeled window is learned
     cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
     cache_max_gb: float | None = DEFAULT_CACHE_MAX_GB  # least recently used files go beyond this; None = no limit
     val_every: int = 1  # validate every this many epochs (and after the last): runs of many tiny epochs
@@ -124,14 +134,15 @@ class FeatureCache:
         digest.update(str(variant).encode())
         return digest.hexdigest()[:24]
 
-    def get(self, sample: Sample, variant: int = 0) -> CachedImage:
+    def get(self, sample: Sample, variant: int = 0, labeled: bool = True) -> CachedImage:
         """Features of one image: extracted, or from memory or the cache folder. With a cache folder the features
-        are memory-mapped from it, so a feature set larger than RAM trains from the OS page cache."""
+        are memory-mapped from it, so a feature set larger than RAM trains from the OS page cache. Not ``labeled``:
+        the mask is not read (an all-background map stands in)."""
         model, c = self.model, self.model.config
         image = read_image(sample.image)
         if image.is_volume:
             raise ValueError(f"{sample.image.name}: training takes 2D images (cut volumes into slices first)")
-        truth = read_mask(sample.mask, c.num_classes)
+        truth = read_mask(sample.mask, c.num_classes) if labeled else np.zeros(image.size_hw, np.uint8)
         if truth.shape != image.size_hw:
             raise ValueError(f"{sample.mask.name}: mask size {truth.shape} differs from image size {image.size_hw}")
         key = self.key(sample, variant)
@@ -204,14 +215,9 @@ class FeatureCache:
             tensors, meta = map_safetensors(path)
             starts = [tuple(s) for s in json.loads(meta["starts"])]
             blocks = int(meta["blocks"])
-            # files written before the "hwc" layout hold (C, h, w) maps: still right, batched a little slower; a
-            # layout this version does not know (a newer install's) is extracted again rather than misread
-            layout = meta.get("layout", "chw")
-            if layout not in ("chw", "hwc"):
+            if meta.get("layout") != "hwc":  # another version's layout: extracted again rather than misread
                 return None
-            hwc = layout == "hwc"
-            features = [[tensors[f"t{i}.f{b}"].permute(2, 0, 1) if hwc else tensors[f"t{i}.f{b}"]
-                         for b in range(blocks)] for i in range(len(starts))]
+            features = [[tensors[f"t{i}.f{b}"].permute(2, 0, 1) for b in range(blocks)] for i in range(len(starts))]
         except Exception:  # a damaged or foreign cache file is recomputed, never trusted
             return None
         return features, starts, tuple(json.loads(meta["scaled"]))
@@ -310,10 +316,11 @@ def _epoch_batches(images: list[CachedImage], window: int, strides: list[int], b
         yield batch
 
 
-def validate(model: TextDiffModel, images) -> dict:
-    """Per-image mean Dice/IoU at native size: the head on every whole tile, tiles stitched by averaging logits
-    (what inference does, up to the blending weights)."""
-    model.head.eval()
+def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None) -> dict:
+    """Per-image mean Dice/IoU at native size: the head (``model.head`` unless given) on every whole tile, tiles
+    stitched by averaging logits (what inference does, up to the blending weights)."""
+    head = head or model.head
+    head.eval()
     num_classes = model.config.num_classes
     per_image = {}
     with torch.inference_mode():
@@ -329,7 +336,7 @@ def validate(model: TextDiffModel, images) -> dict:
                 feats = [f[None].to(model.device) for f in tile.features]
                 box = torch.tensor([window_box((i, j), (th, tw), (h, w))])
                 logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw), box=box,
-                                                                   variants=[image.variant])[0].cpu()
+                                                                   variants=[image.variant], head=head)[0].cpu()
                 counts[:, i:i + th, j:j + tw] += 1
             probs = torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
             label = preprocess.resize_to(probs, image.truth.shape).argmax(0).numpy()
@@ -368,15 +375,22 @@ def _read_train_state(path: Path, identity: str) -> dict | None:
 
 def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[Sample] | None, out_dir: str | Path,
           config: TrainConfig = TrainConfig(), progress: bool = True, cache: FeatureCache | None = None,
-          should_stop=None) -> dict:
+          should_stop=None, unlabeled_samples: list[Sample] | None = None) -> dict:
     """Train the head; the best-validation head (or the last, without validation) is saved to ``out_dir``.
-    ``should_stop``: polled after every epoch; True ends the run there and saves the best head so far."""
+    ``should_stop``: polled after every epoch; True ends the run there and saves the best head so far.
+    ``unlabeled_samples``: images without labels (their masks are never read) for the consistency loss."""
     if not train_samples:
         raise ValueError("no labeled training images")
     if not 1 <= config.variants <= len(VARIANTS):
         raise ValueError(f"variants must be in 1..{len(VARIANTS)}")
     if config.val_every < 1:
         raise ValueError("val_every must be at least 1")
+    if not 0 <= config.ema < 1:
+        raise ValueError(f"ema must be in [0, 1), got {config.ema}")
+    if config.select not in ("best", "last"):
+        raise ValueError(f"select must be 'best' or 'last', got {config.select!r}")
+    if unlabeled_samples and not config.ema:
+        raise ValueError("learning from unlabeled images needs a teacher: set ema (e.g. 0.99)")
     rank, world = distributed.current()  # under torchrun / multi_gpu: images sharded, head in DDP, rank 0 validates
     state_path = Path(out_dir) / TRAIN_STATE_NAME
     identity = (_run_identity(model, config, train_samples, val_samples, world)
@@ -389,6 +403,12 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     progress = progress and rank == 0
     images, val_images = extract_features(cache, train_samples[rank::world], val_samples if rank == 0 else [],
                                           config.variants, progress)
+    unlabeled = []
+    for sample in tqdm((unlabeled_samples or [])[rank::world], desc="unlabeled", unit="img", disable=not progress):
+        try:
+            unlabeled.append(cache.get(sample, 0, labeled=False))
+        except ValueError as error:  # e.g. a volume in the pool: it teaches nothing, the labeled images still do
+            warnings.warn(f"unlabeled image {sample.image.name} skipped: {error}")
     features_s = time.time() - started
 
     head, trained = model.head, model.head
@@ -398,7 +418,16 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         trained = torch.nn.parallel.DistributedDataParallel(
             head, device_ids=[model.device.index] if model.device.type == "cuda" else None)
         steps_per_epoch = int(_all_ranks(torch.distributed.ReduceOp.MAX, steps_per_epoch, model.device))
-    optimizer, scheduler = optimizer_and_schedule(head, config, steps_per_epoch)
+    total_epochs, val_every = config.epochs, config.val_every
+    if config.train_steps is not None:
+        total_epochs = max(1, math.ceil(config.train_steps / steps_per_epoch))
+        val_every = max(val_every, total_epochs // 10)
+    optimizer, scheduler = optimizer_and_schedule(head, config, total_epochs * steps_per_epoch)
+    averaged = None
+    if config.ema:
+        averaged = torch.optim.swa_utils.AveragedModel(
+            head, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    kept = averaged.module if averaged is not None else head  # what is validated and saved
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=1.0, lambda_dice=config.lambda_dice)
     best = {"dice": -1.0, "iou": None, "epoch": 0}
     best_state = None  # set by the first improving epoch (the last epoch always validates)
@@ -406,6 +435,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     first_epoch, wall_before = 1, 0.0
     if resumed is not None:
         head.load_state_dict(resumed["head"])
+        if averaged is not None:
+            averaged.load_state_dict(resumed["averaged"])
         best_state = resumed["best_head"]
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
@@ -413,35 +444,37 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         torch.set_rng_state(resumed["torch_rng"])
         best, history = resumed["best"], resumed["history"]
         first_epoch, wall_before = len(history) + 1, float(resumed["wall_s"])
-    epochs = tqdm(range(first_epoch, config.epochs + 1), desc="train", unit="epoch", disable=not progress,
-                  initial=first_epoch - 1, total=config.epochs)
+    epochs = tqdm(range(first_epoch, total_epochs + 1), desc="train", unit="epoch", disable=not progress,
+                  initial=first_epoch - 1, total=total_epochs)
     for epoch in epochs:
         epoch_started = time.time()
-        loss = train_epoch(model, trained, images, optimizer, scheduler, loss_fn, config, steps_per_epoch, rng)
+        loss = train_epoch(model, trained, images, optimizer, scheduler, loss_fn, config, steps_per_epoch, rng,
+                           averaged, unlabeled)
         record = {"epoch": epoch, "loss": loss, "train_s": round(time.time() - epoch_started, 2)}
         stopping = should_stop is not None and should_stop()
         if world > 1:  # every rank stops at the same epoch
             stopping = bool(_all_ranks(torch.distributed.ReduceOp.MAX, float(stopping), model.device))
-        if val_images and (epoch % config.val_every == 0 or epoch == config.epochs or stopping):
-            record |= {k: v for k, v in validate(model, val_images).items() if k in ("dice", "iou")}
-            improved = record["dice"] > best["dice"]
+        if val_images and (epoch % val_every == 0 or epoch == total_epochs or stopping):
+            record |= {k: v for k, v in validate(model, val_images, kept).items() if k in ("dice", "iou")}
+            improved = record["dice"] > best["dice"] or config.select == "last"
         else:
-            improved = not val_samples
+            improved = not val_samples or (config.select == "last" and epoch == total_epochs)
         if world > 1:  # rank 0 decides; the weights are identical on every rank
             flag = torch.tensor([float(improved)], device=model.device)
             torch.distributed.broadcast(flag, 0)
             improved = bool(flag.item())
         if improved:
             best = {"dice": record.get("dice"), "iou": record.get("iou"), "epoch": epoch}  # None without validation
-            best_state = copy.deepcopy(head.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         history.append(record)
         postfix = {"loss": f"{record['loss']:.3f}"}
         if "dice" in record:
             postfix |= {"val_dice": f"{record['dice']:.3f}", "best": f"{best['dice']:.3f}"}
         epochs.set_postfix(postfix)
-        if config.checkpoint and epoch < config.epochs:
+        if config.checkpoint and epoch < total_epochs:
             save_train_state(state_path, rng, world, rank, {
                 "identity": identity, "head": head.state_dict(), "best_head": best_state,
+                "averaged": averaged.state_dict() if averaged is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "best": best, "history": history,
                 "wall_s": wall_before + time.time() - started})
@@ -449,15 +482,16 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             break
     head.load_state_dict(best_state)
     head.eval()
-    summary = {"best": best, "epochs_run": len(history), "train_images": len(train_samples), "world_size": world,
-               "val_images": len(val_images), "windows": n_windows,
+    summary = {"best": best, "epochs": total_epochs, "epochs_run": len(history), "train_images": len(train_samples),
+               "world_size": world, "val_images": len(val_images), "unlabeled_images": len(unlabeled_samples or []),
+               "windows": n_windows,
                "wall_s": round(wall_before + time.time() - started, 1),  # all parts of a resumed run
                "resumed_at_epoch": first_epoch if first_epoch > 1 else None,
-               "features_s": round(features_s, 1), "stopped_early": len(history) < config.epochs,
+               "features_s": round(features_s, 1), "stopped_early": len(history) < total_epochs,
                "backbone_tiles_extracted": cache.extractions, "config": config.__dict__, "history": history}
     if rank == 0:
         model.save(out_dir, extra=summary)
-        if len(history) == config.epochs:  # complete: nothing left to resume
+        if len(history) == total_epochs:  # complete: nothing left to resume
             state_path.unlink(missing_ok=True)
     return summary
 
@@ -478,11 +512,10 @@ def extract_features(cache: FeatureCache, samples: list[Sample], val_samples: li
     return images, val_images
 
 
-def optimizer_and_schedule(head: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
+def optimizer_and_schedule(head: torch.nn.Module, config: TrainConfig, total: int):
     """Adam (one fused kernel instead of ~70 per-parameter updates: ~3 ms less per CPU step), a short linear warm-up
-    (1/20 of the run), then cosine decay to 0."""
+    (1/20 of the ``total`` steps), then cosine decay to 0."""
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, fused=True)
-    total = config.epochs * steps_per_epoch
     warmup = max(1, total // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -490,31 +523,62 @@ def optimizer_and_schedule(head: torch.nn.Module, config: TrainConfig, steps_per
 
 
 def train_epoch(model: TextDiffModel, trained: torch.nn.Module, images: list[CachedImage], optimizer, scheduler,
-                loss_fn, config: TrainConfig, steps: int, rng: random.Random) -> float:
-    """``steps`` optimizer steps on random windows of the cached features; the mean loss."""
+                loss_fn, config: TrainConfig, steps: int, rng: random.Random, averaged=None,
+                unlabeled: list[CachedImage] = ()) -> float:
+    """``steps`` optimizer steps on random windows of the cached features; the mean loss. ``averaged``: a
+    ``torch.optim.swa_utils.AveragedModel`` of the head, updated after every step, and the teacher of the
+    consistency loss on windows of the ``unlabeled`` images."""
     model.head.train()
     window, strides = model.config.window, model.feature_strides
+    pool = _epoch_batches(unlabeled, window, strides, config.batch_size, steps, rng) if unlabeled else None
     losses = []
     for chunk in _epoch_batches(images, window, strides, config.batch_size, steps, rng):
-        feats = [stack_windows([w[0][k] for w in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
-        target = torch.stack([w[1] for w in chunk])[:, None].to(model.device)
-        box = torch.tensor([w[3] for w in chunk])
-        dihedral = None
-        if config.feature_augment:  # one flip/rotation per batch, applied inside the head (cheaper there)
-            dihedral = (rng.randrange(4), rng.random() < 0.5)
-            target = rotate_flip(target, *dihedral)
-        reports = [None if rng.random() < config.text_dropout else w[2] for w in chunk]
-        tokens, mask = model.text_tokens(reports)
-        logits = model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral, box=box,
-                                   variants=[w[4] for w in chunk])
-        loss = loss_fn(logits, target)
+        loss = _window_loss(model, trained, chunk, config, rng, lambda logits, target: loss_fn(logits, target))
+        if pool is not None:
+            teacher = averaged.module.eval()
+            loss = loss + config.unlabeled_weight * _window_loss(
+                model, trained, next(pool), config, rng, lambda logits, target: _confident_ce(
+                    logits, target, config.pseudo_threshold), teacher=teacher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model.head)
         losses.append(loss.item())
     release_free_heap()  # once per epoch: see release_free_heap
     return float(np.mean(losses))
+
+
+def _window_loss(model: TextDiffModel, trained, chunk, config: TrainConfig, rng: random.Random, criterion,
+                 teacher=None) -> torch.Tensor:
+    """The loss of one batch of windows: against their masks, or, given a ``teacher``, against its predicted
+    probabilities of the same windows seen unturned and with their reports (the student sees them turned/flipped)."""
+    feats = [stack_windows([w[0][k] for w in chunk]).to(model.device) for k in range(len(chunk[0][0]))]
+    box = torch.tensor([w[3] for w in chunk])
+    variants = [w[4] for w in chunk]
+    if teacher is None:
+        target = torch.stack([w[1] for w in chunk])[:, None].to(model.device)
+    else:
+        with torch.no_grad():
+            tokens, mask = model.text_tokens([w[2] for w in chunk])
+            target = model.head_logits(feats, tokens, mask, head=teacher, box=box, variants=variants).softmax(1)
+    dihedral = None
+    if config.feature_augment:  # one flip/rotation per batch, applied inside the head (cheaper there)
+        dihedral = (rng.randrange(4), rng.random() < 0.5)
+        target = rotate_flip(target, *dihedral)
+    reports = [None if rng.random() < config.text_dropout else w[2] for w in chunk]
+    tokens, mask = model.text_tokens(reports)
+    logits = model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral, box=box, variants=variants)
+    return criterion(logits, target)
+
+
+def _confident_ce(logits: torch.Tensor, probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Cross-entropy against the teacher's most likely class, over the pixels it is confident of (mean over all
+    pixels, so a teacher that is rarely confident weighs little)."""
+    confidence, pseudo = probs.max(1)
+    per_pixel = torch.nn.functional.cross_entropy(logits, pseudo, reduction="none")
+    return (per_pixel * (confidence > threshold)).mean()
 
 
 def save_train_state(path: Path, rng: random.Random, world: int, rank: int, state: dict) -> None:

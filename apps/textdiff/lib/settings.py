@@ -8,8 +8,11 @@ from pathlib import Path
 
 import torch
 
+from textdiff import recipes
 from textdiff.data import MAX_PIXELS
 from textdiff.model import DEFAULT_HEAD, MAX_WINDOWS, check_test_time_variants
+
+RECIPE = recipes.DEFAULT
 
 
 def _bool(text: str) -> bool:
@@ -19,6 +22,11 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _recipe(text: str) -> str:
+    recipes.load(text)  # a name or file that does not load is refused at start, not at the first training
+    return text
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -38,7 +46,9 @@ class AppSettings:
     text_encoder: str = "default"
     labels: tuple[str, ...] = ()  # foreground label names; () = those of the initial model
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    epochs: int = 50
+    recipe: str = RECIPE  # training recipe of new heads (textdiff/recipes: a name or a .toml file)
+    epochs: int | None = None  # None = the recipe's step budget
+    unlabeled: int = 200  # unlabeled datastore images (a seeded random choice) new heads also learn from; 0 = none
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
     max_image_pixels: int = MAX_PIXELS
@@ -57,6 +67,7 @@ class AppSettings:
         "text_encoder": ("text_encoder", str),
         "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
+        "recipe": ("recipe", _recipe), "unlabeled": ("unlabeled", int),
         "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
@@ -82,8 +93,10 @@ class AppSettings:
                 raise ValueError(f"--conf {key} {raw!r}: {error}") from None
         settings = cls(**values)
         for key in ("epochs", "max_image_pixels", "max_report_chars", "max_infer_windows", "max_upload_mb"):
-            if getattr(settings, key) < 1:
+            if getattr(settings, key) is not None and getattr(settings, key) < 1:
                 raise ValueError(f"--conf {key} must be >= 1")
+        if not 0 <= settings.unlabeled <= 100_000:
+            raise ValueError("--conf unlabeled must be in 0..100000")
         if not 0 <= settings.val_fraction < 1 or (settings.scale is not None and not 0.01 <= settings.scale <= 4):
             raise ValueError("--conf val_fraction must be in [0, 1) and scale in [0.01, 4]")
         return settings

@@ -59,6 +59,15 @@ def labeled_samples(datastore, tag: str = "final") -> list[Sample]:
     return samples
 
 
+def unlabeled_samples(datastore, limit: int, seed: int = 0) -> list[Sample]:
+    """Up to ``limit`` images without a final label (a seeded random choice), with their reports; never a mask."""
+    import random
+
+    ids = sorted(datastore.get_unlabeled_images())
+    chosen = sorted(random.Random(seed).sample(ids, limit)) if len(ids) > limit else ids
+    return [Sample(Path(datastore.get_image_uri(i)), None, stored_report(datastore, i)) for i in chosen]
+
+
 def check_label(label_path: str, image_path: str, num_classes: int, max_pixels: int) -> None:
     """Refuse (400) a label that is not a label map or whose size differs from its image."""
     try:

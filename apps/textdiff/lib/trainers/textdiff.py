@@ -10,14 +10,14 @@ from typing import Callable
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
-from textdiff.backbone import DEFAULT_BACKBONE
+from textdiff import recipes
 from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
 from textdiff.train import TrainConfig, train
 
 from ..model_store import ModelStore
 from ..security import bounded
 from ..settings import AppSettings
-from ..transforms import bad_request, labeled_samples
+from ..transforms import bad_request, labeled_samples, unlabeled_samples
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +35,32 @@ class TextDiffTrain(TrainTask):
         return self.settings.model_dir.parent / "train.stop"
 
     def config(self):
-        return {"max_epochs": self.settings.epochs, "learning_rate": 1e-3, "seed": 0}
+        """The options a client may send (MONAI Label shows them in Slicer); max_epochs 0 = the recipe's budget."""
+        return {"max_epochs": self.settings.epochs or 0, "learning_rate": self._recipe().get("lr", TrainConfig.lr),
+                "seed": 0}
+
+    def _recipe(self) -> dict:
+        return recipes.load(self.settings.recipe)["train"]
+
+    def train_config(self, request: dict) -> TrainConfig:
+        """The recipe's training, with the request's epochs, learning rate and seed (each checked)."""
+        recipe = self._recipe()
+        epochs = bounded(request, "max_epochs", self.settings.epochs or 0, int, 0, 10_000)
+        if epochs:  # epochs asked for replace the recipe's step budget
+            recipe = {k: v for k, v in recipe.items() if k != "train_steps"} | {"epochs": epochs}
+        return TrainConfig(**recipe | dict(
+            lr=bounded(request, "learning_rate", recipe.get("lr", TrainConfig.lr), float, 1e-7, 1.0),
+            seed=bounded(request, "seed", 0, int, 0, 2**31 - 1),
+            cache_dir=str(self.settings.model_dir.parent / "feature-cache")))
 
     def new_model_config(self) -> ModelConfig:
         """The initial model's recipe (backbone, blocks, steps, window, scale), with --conf overrides, fresh head."""
         base = json.loads((resolve_model_dir(self.settings.initial_model) / "config.json").read_text())
         config = ModelConfig.from_dict(base)
         labels = {"background": 0} | self.store.label_names()
-        changes = dict(labels=labels, feature_channels=None, weights=None,
+        changes = dict(labels=labels, feature_channels=None, weights=None, backbone_fingerprint=None,
                        text_encoder=config.text_encoder if self.settings.text_encoder == "default"
                        else self.settings.text_encoder)
-        if config.backbone != DEFAULT_BACKBONE:
-            changes["backbone_fingerprint"] = None  # a named/local UNet is taken as it is now
-        # else the fingerprint stays: it names which shipped default the initial model was trained on (the default
-        # changed once), so new heads use the backbone that is being served, not a newer one
         backbone = self.settings.backbone
         adapted = self.adapted_backbone()
         if backbone == "default" and adapted is not None:
@@ -70,23 +82,23 @@ class TextDiffTrain(TrainTask):
             train_samples, val_samples = samples[:-n_val], samples[-n_val:]
         else:
             train_samples, val_samples = samples, []
-        epochs = bounded(request, "max_epochs", self.settings.epochs, int, 1, 10_000)
-        config = TrainConfig(epochs=epochs, lr=bounded(request, "learning_rate", 1e-3, float, 1e-7, 1.0),
-                             seed=bounded(request, "seed", 0, int, 0, 2**31 - 1),
-                             cache_dir=str(self.settings.model_dir.parent / "feature-cache"))
-        logger.info(f"training on {len(train_samples)} labeled images, validating on {len(val_samples)}")
+        config = self.train_config(request)
+        # the unlabeled pool teaches through the moving average (a recipe without one learns from labels only)
+        pool = unlabeled_samples(datastore, self.settings.unlabeled, config.seed) if config.ema else []
+        logger.info(f"training on {len(train_samples)} labeled images ({len(pool)} unlabeled), validating on "
+                    f"{len(val_samples)}")
         self.stop_file.unlink(missing_ok=True)  # a stop asked for an earlier run
         gpus = torch.cuda.device_count()
         if str(request.get("multi_gpu", "false")).lower() == "true" and gpus > 1:
             # one process per GPU under torch.distributed (NCCL); images sharded, rank 0 validates and publishes
             torch.multiprocessing.spawn(_train_worker, nprocs=gpus, args=(
                 gpus, self.new_model_config().to_dict(), train_samples, val_samples, str(self.settings.model_dir),
-                config, str(self.stop_file)))
+                config, str(self.stop_file), pool))
             summary = json.loads((self.settings.model_dir / "training.json").read_text())
         else:
             model = TextDiffModel.build(self.new_model_config(), self.settings.device, seed=config.seed)
             summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False,
-                            should_stop=self.stop_file.exists)
+                            should_stop=self.stop_file.exists, unlabeled_samples=pool)
         summary.pop("history", None)
         return summary | {"published": str(self.settings.model_dir)}
 
@@ -95,11 +107,12 @@ class TextDiffTrain(TrainTask):
         if not path.is_file():
             return {}
         data = json.loads(path.read_text())
-        return {k: data[k] for k in ("best", "epochs_run", "train_images", "val_images", "wall_s") if k in data}
+        return {k: data[k] for k in ("best", "epochs_run", "train_images", "val_images", "unlabeled_images", "wall_s")
+                if k in data}
 
 
 def _train_worker(rank: int, world: int, config: dict, train_samples, val_samples, out_dir: str, train_config,
-                  stop_file: str) -> None:
+                  stop_file: str, pool) -> None:
     import os
 
     from textdiff import distributed
@@ -109,5 +122,6 @@ def _train_worker(rank: int, world: int, config: dict, train_samples, val_sample
     os.environ.setdefault("MASTER_PORT", "29517")
     _, _, device = distributed.setup()
     model = TextDiffModel.build(ModelConfig.from_dict(config), device, seed=train_config.seed)
-    train(model, train_samples, val_samples, out_dir, train_config, progress=False, should_stop=Path(stop_file).exists)
+    train(model, train_samples, val_samples, out_dir, train_config, progress=False, should_stop=Path(stop_file).exists,
+          unlabeled_samples=pool)
     distributed.teardown()
