@@ -80,7 +80,7 @@ def working_scale(dataset: str) -> float:
 
 def unet_steps(dataset: str) -> int:
     """The U-Net from scratch gets at least TextDiff's step budget (a fair comparison), and never under 3000 steps:
-    from scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 480)."""
+    from scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 1080)."""
     return max(3000, recipe_file(dataset)["train"].get("train_steps") or 0)
 
 

@@ -65,6 +65,16 @@ def lvit_folder(tmp_path, monuseg_crops) -> Path:
 
 @pytest.fixture()
 def client(tmp_path, tiny_model, lvit_folder, monkeypatch):
+    yield from serve(tmp_path, tiny_model, lvit_folder, monkeypatch)
+
+
+@pytest.fixture()
+def two_class_client(tmp_path, tiny_model, lvit_folder, monkeypatch):
+    """An app annotating two structures (`--conf labels cell,edge`), started from a binary initial model."""
+    yield from serve(tmp_path, tiny_model, lvit_folder, monkeypatch, labels="cell,edge")
+
+
+def serve(tmp_path, tiny_model, lvit_folder, monkeypatch, **conf):
     from fastapi.testclient import TestClient
     from monailabel.config import settings
     from monailabel.interfaces.utils.app import clear_cache
@@ -74,7 +84,7 @@ def client(tmp_path, tiny_model, lvit_folder, monkeypatch):
     tiny_model.save(tmp_path / "initial")
     studies = tmp_path / "studies"
     import_lvit(lvit_folder, studies, labels=1)  # case_0 labeled; case_1, case_2 not
-    conf = {"model": str(tmp_path / "initial"), "model_dir": str(tmp_path / "published"), "epochs": "2"}
+    conf = {"model": str(tmp_path / "initial"), "model_dir": str(tmp_path / "published"), "epochs": "2", **conf}
     monkeypatch.setattr(settings, "MONAI_LABEL_APP_DIR", str(APP_DIR))
     monkeypatch.setattr(settings, "MONAI_LABEL_STUDIES", str(studies))
     monkeypatch.setattr(settings, "MONAI_LABEL_APP_CONF", conf)

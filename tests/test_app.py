@@ -65,6 +65,30 @@ def test_slicer_label_then_train_then_infer_with_new_model(client):
     assert client.get("/info/").json()["train_stats"]["textdiff"]["train_images"] == 2
 
 
+def test_two_structures_one_round_of_the_loop_over_http(two_class_client):
+    """Next sample -> a two-class label -> train -> rescore -> next sample, as Slicer drives it."""
+    client = two_class_client
+    assert client.get("/info/").json()["models"]["textdiff"]["labels"] == {"cell": 1, "edge": 2}
+    chosen = client.post("/activelearning/textdiff_uncertainty", json={}).json()["id"]
+    assert chosen in ("case_1", "case_2")
+    label = np.zeros((1, 96, 96), np.uint8)
+    label[0, 10:40, 10:40], label[0, 50:80, 50:80] = 1, 2
+    too_many = label.copy()
+    too_many[0, 0, 0] = 3  # a third structure the app does not annotate
+    refused = put_label(client, chosen, too_many)
+    assert refused.status_code == 400 and "0..2" in refused.json()["detail"]
+    assert put_label(client, chosen, label).status_code == 200
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})
+    assert response.status_code == 200, response.text
+    published = json.loads((client.tmp / "published" / "config.json").read_text())
+    assert published["labels"] == {"background": 0, "cell": 1, "edge": 2}
+    scored = client.post("/scoring/textdiff_uncertainty?run_sync=true")
+    assert scored.status_code == 200
+    following = client.post("/activelearning/textdiff_uncertainty", json={}).json()["id"]
+    assert following not in (chosen, "case_0")  # labeled images are not served again
+    assert set(np.unique(sitk.GetArrayFromImage(infer_label(client, following, report="x")))) <= {0, 1, 2}
+
+
 def test_scoring_is_incremental_and_strategy_picks_most_uncertain(client):
     first = client.post("/scoring/textdiff_uncertainty?run_sync=true").json()
     assert client.post("/scoring/textdiff_uncertainty?run_sync=true").status_code == 200

@@ -31,6 +31,14 @@ def _recipe_names() -> list[str]:
     return names()
 
 
+def _campaign_default(name: str):
+    import dataclasses
+
+    from .campaign import CampaignConfig
+
+    return {f.name: f.default for f in dataclasses.fields(CampaignConfig)}[name]
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
@@ -174,6 +182,30 @@ def cmd_train(args) -> int:
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
     print(f"saved {args.out}: best epoch {best['epoch']}, {val}, {summary['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_campaign(args) -> int:
+    from .campaign import CampaignConfig, run_campaign
+    from .data import read_lvit
+    from .model import ModelConfig, TextDiffModel
+    from .train import TrainConfig
+
+    model_kw, train_kw = recipe_configs(args)
+    pool = [s for folder in args.pool for s in read_lvit(folder, masks=args.masks)]
+    holdout = [s for folder in args.holdout for s in read_lvit(folder, masks=args.masks)]
+    if args.pool_limit:
+        pool = pool[: args.pool_limit]
+    if args.holdout_limit:
+        holdout = holdout[-args.holdout_limit:]
+    config = CampaignConfig(strategy=args.strategy, start=args.start, batch=args.batch, until=args.until,
+                            seed=args.seed, round_steps=args.round_steps)
+    train_kw.setdefault("cache_dir", str(Path(args.out) / "feature-cache"))  # every round reuses the features
+    train_config = TrainConfig(**train_kw | {"seed": args.seed})
+    model = TextDiffModel.build(ModelConfig(**model_kw), _device(args.device), seed=args.seed)
+    record = run_campaign(model, pool, holdout, args.out, config, train_config)
+    print(json.dumps({"strategy": record["strategy"], "rounds": [{k: r[k] for k in ("labels", "dice", "iou")}
+                                                                 for r in record["rounds"]]}))
     return 0
 
 
@@ -334,6 +366,39 @@ def build_parser() -> argparse.ArgumentParser:
                               "cache_max_gb"))
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("campaign", help="simulate an annotation campaign: a strategy picks the images to label, "
+                                        "their masks are revealed, the head is retrained; held-out Dice per round")
+    p.add_argument("--pool", action="append", required=True, help="LViT folder of the images to pick from (their "
+                                                                  "masks are read only once picked; repeatable)")
+    p.add_argument("--holdout", action="append", required=True, help="LViT folder evaluated after every round "
+                                                                     "(repeatable)")
+    p.add_argument("--pool-limit", type=int, help="use only the first N pool images")
+    p.add_argument("--holdout-limit", type=int, help="evaluate only the last N held-out images")
+    p.add_argument("--out", required=True, help="folder of the campaign record, its head and feature cache "
+                                                "(a stopped campaign resumes from it)")
+    p.add_argument("--masks", default="labelcol", help="mask folder beside img/ (default: %(default)s)")
+    from .campaign import STRATEGIES, STRATEGY_HELP
+
+    p.add_argument("--strategy", choices=STRATEGIES, default=_campaign_default("strategy"),
+                   help=STRATEGY_HELP + " (default: %(default)s)")
+    p.add_argument("--start", type=int, default=_campaign_default("start"),
+                   help="labeled images before the first round (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=_campaign_default("batch"),
+                   help="images labeled per round (default: %(default)s)")
+    p.add_argument("--until", type=int, default=_campaign_default("until"),
+                   help="stop at this many labeled images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=_campaign_default("seed"), help="seed of the first labels, the "
+                                                                               "head and sampling (default: 0)")
+    p.add_argument("--round-steps", type=int, help="optimizer steps of each round after the first, warm-started "
+                                                   "(default: the recipe's step budget)")
+    p.add_argument("--recipe", default=_recipes_default(), help="training recipe (default: %(default)s)")
+    _add_model_options(p)
+    p.add_argument("--train-steps", type=int, help=_help("optimizer steps of the first round", "train",
+                                                         "train_steps"))
+    p.add_argument("--cache-dir", help="feature cache folder (default: OUT/feature-cache)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_campaign)
 
     p = sub.add_parser("evaluate", help="per-image mean Dice / IoU at native resolution")
     p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable)")

@@ -316,31 +316,36 @@ def _epoch_batches(images: list[CachedImage], window: int, strides: list[int], b
         yield batch
 
 
+def cached_probabilities(model: TextDiffModel, image: CachedImage, head: torch.nn.Module | None = None) -> torch.Tensor:
+    """(classes, h, w) probabilities at working scale from an image's cached features: only the head (``model.head``
+    unless given) runs, on every whole tile, tiles stitched by averaging logits (what inference does, up to the
+    blending weights)."""
+    head = head or model.head
+    h, w = image.scaled_size
+    height = max(i + t.mask.shape[0] for t, (i, _) in zip(image.tiles, image.starts))
+    width = max(j + t.mask.shape[1] for t, (_, j) in zip(image.tiles, image.starts))
+    logits = torch.zeros(model.config.num_classes, height, width)
+    counts = torch.zeros(1, height, width)
+    tokens, mask = model.text_tokens([image.tiles[0].report])
+    with torch.inference_mode():
+        for tile, (i, j) in zip(image.tiles, image.starts):
+            th, tw = tile.mask.shape
+            feats = [f[None].to(model.device) for f in tile.features]
+            box = torch.tensor([window_box((i, j), (th, tw), (h, w))])
+            logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw), box=box,
+                                                               variants=[image.variant], head=head)[0].cpu()
+            counts[:, i:i + th, j:j + tw] += 1
+    return torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
+
+
 def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None) -> dict:
-    """Per-image mean Dice/IoU at native size: the head (``model.head`` unless given) on every whole tile, tiles
-    stitched by averaging logits (what inference does, up to the blending weights)."""
+    """Per-image mean Dice/IoU at native size of the head's predictions from cached features."""
     head = head or model.head
     head.eval()
-    num_classes = model.config.num_classes
     per_image = {}
-    with torch.inference_mode():
-        for image in images:
-            h, w = image.scaled_size
-            H = max(i + t.mask.shape[0] for t, (i, _) in zip(image.tiles, image.starts))
-            W = max(j + t.mask.shape[1] for t, (_, j) in zip(image.tiles, image.starts))
-            logits = torch.zeros(num_classes, H, W)
-            counts = torch.zeros(1, H, W)
-            tokens, mask = model.text_tokens([image.tiles[0].report])
-            for tile, (i, j) in zip(image.tiles, image.starts):
-                th, tw = tile.mask.shape
-                feats = [f[None].to(model.device) for f in tile.features]
-                box = torch.tensor([window_box((i, j), (th, tw), (h, w))])
-                logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw), box=box,
-                                                                   variants=[image.variant], head=head)[0].cpu()
-                counts[:, i:i + th, j:j + tw] += 1
-            probs = torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
-            label = preprocess.resize_to(probs, image.truth.shape).argmax(0).numpy()
-            per_image[image.name] = dice_iou(label, image.truth, num_classes)
+    for image in images:
+        label = preprocess.resize_to(cached_probabilities(model, image, head), image.truth.shape).argmax(0).numpy()
+        per_image[image.name] = dice_iou(label, image.truth, model.config.num_classes)
     dice = float(np.mean([d for d, _ in per_image.values()]))
     iou = float(np.mean([i for _, i in per_image.values()]))
     return {"dice": dice, "iou": iou, "n": len(per_image), "per_image": per_image}

@@ -1,0 +1,102 @@
+"""Simulated annotation campaigns: strategies pick the next images; the loop trains, evaluates, rescores, resumes."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from textdiff.campaign import CampaignConfig, choose, descriptor, mean_entropy, run_campaign
+from textdiff.cli import main
+from textdiff.data import read_lvit
+from textdiff.train import TrainConfig
+
+
+def test_strategies_pick_the_uncertain_and_the_diverse_picks_no_near_duplicates():
+    scores = {"a": 0.9, "b": 0.89, "c": 0.5, "d": 0.1}
+    near, far = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    descriptors = {"a": near, "b": near + 0.01, "c": far, "d": far + 0.01, "known": torch.tensor([0.7, 0.7])}
+    assert choose("entropy", list(scores), 2, random.Random(0), scores) == ["a", "b"]
+    assert choose("diverse", list(scores), 2, random.Random(0), scores, descriptors, ["known"]) == ["a", "c"]
+    # what is labeled already counts: an uncertain image next to a labeled one loses to a farther one
+    descriptors["known"] = near
+    assert choose("diverse", list(scores), 1, random.Random(0), scores, descriptors, ["known"]) == ["c"]
+    assert choose("random", list(scores), 2, random.Random(3), scores) == \
+        choose("random", list(reversed(scores)), 2, random.Random(3))  # seeded, whatever the order given
+    assert choose("entropy", ["a"], 5, random.Random(0), scores) == ["a"]
+    with pytest.raises(ValueError, match="unknown strategy"):
+        choose("smart", list(scores), 1, random.Random(0), scores)
+    assert mean_entropy(torch.full((2, 4, 4), 0.5)) == pytest.approx(1.0)
+    assert mean_entropy(torch.stack([torch.ones(4, 4), torch.zeros(4, 4)])) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_campaign_trains_scores_picks_and_resumes(tiny_model, lvit_folder, tmp_path, capsys):
+    holdout = tmp_path / "Holdout"
+    shutil.copytree(lvit_folder, holdout)
+    pool, held = read_lvit(lvit_folder), read_lvit(holdout)
+    config = CampaignConfig(strategy="diverse", start=1, batch=1, until=3, round_steps=1)
+    train_config = TrainConfig(train_steps=2, cache_dir=str(tmp_path / "cache"))
+    record = run_campaign(tiny_model, pool, held, tmp_path / "run", config, train_config, progress=False)
+    assert [r["labels"] for r in record["rounds"]] == [1, 2, 3]
+    assert sorted(record["labeled"]) == sorted(s.name for s in pool)
+    assert all(0.0 <= r["dice"] <= 1.0 for r in record["rounds"])
+    assert [r["train_steps"] for r in record["rounds"]] == [2, 1, 1]  # later rounds warm-start with fewer steps
+    assert [len(r.get("picked", [])) for r in record["rounds"]] == [1, 1, 0]
+    saved = json.loads((tmp_path / "run" / "campaign.json").read_text())
+    assert saved["rounds"] == record["rounds"]
+    # resumed: a finished campaign returns its record without training again
+    stamp = (tmp_path / "run" / "model" / "config.json").stat().st_mtime_ns
+    again = run_campaign(tiny_model, pool, held, tmp_path / "run", config, train_config, progress=False)
+    assert again["rounds"] == record["rounds"]
+    assert (tmp_path / "run" / "model" / "config.json").stat().st_mtime_ns == stamp
+    # another campaign's folder is refused; held-out images must not be in the pool
+    with pytest.raises(ValueError, match="another campaign"):
+        run_campaign(tiny_model, pool, held, tmp_path / "run", CampaignConfig(strategy="random", until=3),
+                     train_config, progress=False)
+    with pytest.raises(ValueError, match="also in the pool"):
+        run_campaign(tiny_model, pool, pool[:1], tmp_path / "other", config, train_config, progress=False)
+    with pytest.raises(ValueError, match="until"):
+        run_campaign(tiny_model, pool, held, tmp_path / "other", CampaignConfig(until=9), train_config,
+                     progress=False)
+
+
+def test_a_campaign_stopped_between_rounds_goes_on_where_it_stopped(tiny_model, lvit_folder, tmp_path):
+    holdout = tmp_path / "Holdout"
+    shutil.copytree(lvit_folder, holdout)
+    pool, held = read_lvit(lvit_folder), read_lvit(holdout)
+    train_config = TrainConfig(train_steps=1, cache_dir=str(tmp_path / "cache"))
+    config = CampaignConfig(strategy="entropy", start=1, batch=1, until=3)
+    whole = run_campaign(tiny_model, pool, held, tmp_path / "whole", config, train_config, progress=False)
+    first = run_campaign(tiny_model, pool, held, tmp_path / "part", CampaignConfig(strategy="entropy", until=1),
+                         train_config, progress=False)
+    assert [r["labels"] for r in first["rounds"]] == [1]
+    # the same campaign, cut after its first round: its record and head are what the longer run starts from
+    part = json.loads((tmp_path / "whole" / "campaign.json").read_text())
+    part["labeled"], part["rounds"] = part["labeled"][:2], part["rounds"][:1]
+    (tmp_path / "whole" / "campaign.json").write_text(json.dumps(part))
+    resumed = run_campaign(tiny_model, pool, held, tmp_path / "whole", config, train_config, progress=False)
+    assert resumed["labeled"] == whole["labeled"] and [r["labels"] for r in resumed["rounds"]] == [1, 2, 3]
+
+
+def test_the_campaign_command_prints_dice_per_round(lvit_folder, tiny_unet_dir, tiny_encoder_dir, tmp_path, capsys):
+    holdout = tmp_path / "Holdout"
+    shutil.copytree(lvit_folder, holdout)
+    assert main(["campaign", "--pool", str(lvit_folder), "--holdout", str(holdout), "--out", str(tmp_path / "c"),
+                 "--strategy", "entropy", "--start", "1", "--batch", "2", "--until", "3", "--train-steps", "1",
+                 "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
+                 "--head-dim", "16"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["strategy"] == "entropy" and [r["labels"] for r in printed["rounds"]] == [1, 3]
+    assert (tmp_path / "c" / "feature-cache").is_dir()
+
+
+def test_descriptors_are_unit_length_per_block(tiny_model, lvit_folder):
+    from textdiff.train import FeatureCache
+
+    image = FeatureCache(tiny_model).get(read_lvit(lvit_folder)[0], labeled=False)
+    vector = descriptor(image)
+    blocks = len(image.tiles[0].features)
+    assert vector.shape[0] == sum(f.shape[0] for f in image.tiles[0].features)
+    assert float(vector.norm()) == pytest.approx(blocks ** 0.5, rel=1e-4)
