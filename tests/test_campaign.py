@@ -100,3 +100,29 @@ def test_descriptors_are_unit_length_per_block(tiny_model, lvit_folder):
     blocks = len(image.tiles[0].features)
     assert vector.shape[0] == sum(f.shape[0] for f in image.tiles[0].features)
     assert float(vector.norm()) == pytest.approx(blocks ** 0.5, rel=1e-4)
+
+
+def test_campaign_docs_say_how_many_labels_each_strategy_needs(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("simulate_campaign", root / "scripts" / "simulate_campaign.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "ROOT", tmp_path)
+    monkeypatch.setattr(script, "OUT", tmp_path / "docs" / "results" / "campaigns")
+    script.OUT.mkdir(parents=True)
+    curves = {"random": [0.5, 0.6, 0.7], "entropy": [0.55, 0.7, 0.72], "diverse": [0.5, 0.52, 0.55]}
+    for strategy, dice in curves.items():
+        for seed in (0, 1):
+            rounds = [{"labels": n, "dice": d + 0.01 * seed} for n, d in zip((1, 2, 3), dice)]
+            (script.OUT / f"monuseg-{strategy}-s{seed}.json").write_text(json.dumps({"strategy": strategy,
+                                                                                     "rounds": rounds}))
+    script.plots()
+    page = (tmp_path / "docs" / "campaigns.md").read_text()
+    assert "labels to reach random's 3-label Dice (0.7050)" in page
+    assert "| entropy | 2 | 0.5550 | 0.7250 | 2 (67% of random's) |" in page  # first, every 5th, last
+    assert "| diverse | 2 |" in page and "not reached |" in page
+    assert (tmp_path / "docs" / "results" / "monuseg_campaign.png").is_file()
+    assert "no finished random campaign yet" in page  # COVID-QU-Ex has none

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
-import math
 
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
+
+from textdiff.campaign import mean_entropy
 
 from ..model_store import ModelStore
 from ..settings import AppSettings
@@ -36,8 +37,7 @@ class EntropyScoring(ScoringMethod):
             try:
                 model = self.store.current()
                 image = load_image(datastore.get_image_uri(image_id), self.settings.max_image_pixels)
-                probs = model.predict_image_proba(image, stored_report(datastore, image_id)).clamp_min(1e-8)
-                entropy = float(-(probs * probs.log()).sum(0).mean() / math.log(probs.shape[0]))
+                entropy = mean_entropy(model.predict_image_proba(image, stored_report(datastore, image_id)))
             except Exception as error:  # one bad image must not stop scoring of the others
                 logger.warning(f"scoring {image_id} failed: {error}")
                 failed.append(image_id)
