@@ -78,6 +78,12 @@ def working_scale(dataset: str) -> float:
     return recipe_file(dataset)["model"].get("scale", 1.0)
 
 
+def quarter_budget(dataset: str) -> int:
+    """A quarter of the recipe's step budget: the best validation epoch comes early, so a schedule this short may
+    need no selection at all."""
+    return recipe_file(dataset)["train"]["train_steps"] // 4
+
+
 def unet_steps(dataset: str) -> int:
     """The U-Net from scratch gets at least TextDiff's step budget (a fair comparison), and never under 3000 steps:
     from scratch it needs more than a head on frozen features (MoNuSeg U-Nets still improve long after 1080)."""
@@ -285,13 +291,17 @@ def plan(only: str | None, seeds=SEEDS):
                  (f"{dataset}-ablation-subpixel", run_textdiff, at, {"subpixel": True}),
                  # the levers beyond the frozen features: a trainable image path, weight averaging, unlabeled images
                  (f"{dataset}-ablation-image-path", run_textdiff, at, {"image_path": IMAGE_PATH}),
-                 (f"{dataset}-ablation-ema-last", run_textdiff, at, {"train_kw": EMA_LAST})]
+                 (f"{dataset}-ablation-ema-last", run_textdiff, at, {"train_kw": EMA_LAST}),
+                 (f"{dataset}-ablation-ema-last-quarter-steps", run_textdiff, at,
+                  {"train_kw": EMA_LAST | {"train_steps": quarter_budget(dataset)}})]
     for dataset, points in BACKBONE_TABLE_POINTS.items():
         runs += [(ablation_name(dataset, suffix, n), run_textdiff, (dataset, n, 0), {"backbone": backbone})
                  for n in points if n != ABLATION_POINT[dataset]
                  for suffix, backbone in BACKBONE_ABLATIONS.items() if backbone != RESULTS_BACKBONE[dataset]]
     for dataset, n in (("monuseg", 6), ("covid", 100)):  # unlabeled images matter where labels are few
         runs += [(ablation_name(dataset, "ema-last", n), run_textdiff, (dataset, n, 0), {"train_kw": EMA_LAST}),
+                 (ablation_name(dataset, "ema-last-quarter-steps", n), run_textdiff, (dataset, n, 0),
+                  {"train_kw": EMA_LAST | {"train_steps": quarter_budget(dataset)}}),
                  (ablation_name(dataset, "unlabeled", n), run_textdiff, (dataset, n, 0),
                   {"train_kw": EMA_LAST, "unlabeled": True})]
     at = ("monuseg", ABLATION_POINT["monuseg"], 0)
@@ -301,7 +311,10 @@ def plan(only: str | None, seeds=SEEDS):
              ("monuseg-ablation-blocks-0-2-5", run_textdiff, at, {"blocks": [0, 2, 5]}),
              ("monuseg-ablation-blocks-4-5", run_textdiff, at, {"blocks": [4, 5]}),
              ("monuseg-ablation-image-path-ema-last", run_textdiff, at,
-              {"image_path": IMAGE_PATH, "train_kw": EMA_LAST})]
+              {"image_path": IMAGE_PATH, "train_kw": EMA_LAST}),
+             # the image path learns from scratch: the U-Net baseline's 3000 steps
+             ("monuseg-ablation-image-path-3000-steps", run_textdiff, at,
+              {"image_path": IMAGE_PATH, "train_kw": {"train_steps": 3000}})]
     at = ("covid", ABLATION_POINT["covid"], 0)  # blocks on chest X-rays, whose lesions are coarse
     runs += [("covid-ablation-blocks-0-2-4-5", run_textdiff, at, {"blocks": [0, 2, 4, 5]}),
              ("covid-ablation-blocks-0-1-2-3-4-5", run_textdiff, at, {"blocks": [0, 1, 2, 3, 4, 5]}),
@@ -426,6 +439,8 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "unlabeled": "`--ema 0.99 --select last` and the rest of the pool as unlabeled images (`--unlabeled`: the moving "
                  "average's confident pixels teach the head)",
     "image-path-ema-last": "the image path, `--ema 0.99 --select last`",
+    "ema-last-quarter-steps": "`--ema 0.99 --select last` and a quarter of the recipe's step budget",
+    "image-path-3000-steps": "the image path and 3000 steps (the U-Net baseline's budget) instead of 1080",
     "scale-0.5": "working scale 0.5 (256 px tiles) instead of 0.6", "no-image": "no clean image as an input",
     "upsampler-output": "upsampler outputs hooked instead of their inputs",
     "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only",
