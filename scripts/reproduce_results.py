@@ -580,6 +580,7 @@ def main() -> int:
     global CACHE_MAX_GB
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run only runs whose name starts with this")
+    parser.add_argument("--run", action="append", help="run only this run (its whole name; repeatable)")
     parser.add_argument("--seeds", type=lambda t: tuple(int(v) for v in t.split(",")), default=SEEDS,
                         help="curve seeds to run (default 0,1,2), e.g. --seeds 0 for a first pass")
     parser.add_argument("--plots", action="store_true", help="only redraw plots and summary.json")
@@ -597,7 +598,7 @@ def main() -> int:
         name, model_dir = args.from_model
         (OUT / "runs" / f"{name}.json").write_text(json.dumps(record_model(name, model_dir), indent=1))
     elif not args.plots:
-        todo = [r for r in plan(args.only, args.seeds) if not done(r[0])]
+        todo = [r for r in plan(args.only, args.seeds) if not done(r[0]) and (not args.run or r[0] in args.run)]
         for index, (name, fn, fn_args, kwargs) in enumerate(todo, 1):
             print(f"[{index}/{len(todo)}] {name}", flush=True)
             work_dir = TRAIN_STATES / name
@@ -606,7 +607,8 @@ def main() -> int:
             result = fn(*fn_args, **kwargs) | {"machine": machine("cpu" if fn is run_unet else None)}
             (OUT / "runs" / f"{name}.json").write_text(json.dumps(result, indent=1))
             shutil.rmtree(work_dir, ignore_errors=True)
-        print("all runs done" if all(done(r[0]) for r in plan(args.only, args.seeds)) else "some runs remain")
+        print("all runs done" if all(done(r[0]) for r in plan(args.only, args.seeds)
+                                     if not args.run or r[0] in args.run) else "some runs remain")
     plots()
     return 0
 
