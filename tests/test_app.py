@@ -19,7 +19,7 @@ def test_info_lists_model_trainer_scoring_and_strategies(client):
     model = info["models"]["textdiff"]
     assert model["type"] == "segmentation" and "report" in model["config"]
     assert "textdiff" in info["trainers"]
-    assert {"textdiff_uncertainty", "random", "first"} <= set(info["strategies"])
+    assert {"textdiff_uncertainty", "textdiff_diverse", "random", "first"} <= set(info["strategies"])
     assert "textdiff_uncertainty" in info["scoring"]
 
 
@@ -100,6 +100,18 @@ def test_scoring_is_incremental_and_strategy_picks_most_uncertain(client):
     assert sample["id"] == max(scores, key=scores.get)
     assert client.post("/activelearning/first", json={}).json()["id"] == "case_1"
     assert first is not None
+    # scoring also places each image in frozen-feature space (a short projection kept in the index)
+    from lib.activelearning.uncertainty import FEATURE_DIMS, FEATURES_KEY
+
+    assert all(len(datastore.get_image_info(i)[FEATURES_KEY]) == FEATURE_DIMS for i in ("case_1", "case_2"))
+    # the diverse strategy passes over an uncertain image that looks like a labeled one
+    near, far = [1.0] + [0.0] * (FEATURE_DIMS - 1), [0.0] * (FEATURE_DIMS - 1) + [1.0]
+    for image_id, info in (("case_0", {FEATURES_KEY: near}),
+                           ("case_1", {FEATURES_KEY: near, "textdiff_uncertainty": 0.9}),
+                           ("case_2", {FEATURES_KEY: far, "textdiff_uncertainty": 0.5})):
+        datastore.update_image_info(image_id, info)
+    assert client.post("/activelearning/textdiff_uncertainty", json={}).json()["id"] == "case_1"
+    assert client.post("/activelearning/textdiff_diverse", json={}).json()["id"] == "case_2"
 
 
 def test_volume_infer_keeps_geometry(client):

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Sample
-from .model import TextDiffModel
+from .model import FeaturePool, TextDiffModel
 from .train import CachedImage, FeatureCache, TrainConfig, cached_probabilities, train, validate
 
 STRATEGIES = ("random", "entropy", "diverse")
@@ -47,14 +47,11 @@ def mean_entropy(probs: torch.Tensor) -> float:
 
 
 def descriptor(image: CachedImage) -> torch.Tensor:
-    """An image's place in frozen-feature space: each block's channels averaged over the image, each block's vector
-    of unit length (so wide blocks do not dominate), concatenated."""
-    pooled = []
-    for block in range(len(image.tiles[0].features)):
-        total = sum(tile.features[block].float().sum(dim=(1, 2)) for tile in image.tiles)
-        pixels = sum(tile.features[block].shape[1] * tile.features[block].shape[2] for tile in image.tiles)
-        pooled.append(torch.nn.functional.normalize(total / pixels, dim=0))
-    return torch.cat(pooled)
+    """An image's place in frozen-feature space, from its cached features (see ``FeaturePool``)."""
+    pool = FeaturePool()
+    for tile in image.tiles:
+        pool.add(tile.features)
+    return pool.vector()
 
 
 def choose(strategy: str, candidates: list[str], count: int, rng: random.Random, scores: dict[str, float] | None = None,

@@ -276,18 +276,20 @@ class TextDiffModel(torch.nn.Module):
 
     @torch.inference_mode()
     def predict_proba(self, plane: np.ndarray, report: str | None = None, value_range=None,
-                      sw_batch_size: int = 4) -> torch.Tensor:
+                      sw_batch_size: int = 4, pooled: FeaturePool | None = None) -> torch.Tensor:
         """Class probabilities (classes, H, W) of one 2D plane at its native size: the whole working image in one
         forward when it fits ``config.tile``, else overlapping tiles blended with Gaussian weights; averaged over
-        ``config.test_time_variants`` flips/rotations of the image."""
+        ``config.test_time_variants`` flips/rotations of the image. ``pooled`` collects the frozen features' channel
+        sums on the way (no extra backbone pass)."""
         x = self.prepare(plane, value_range)[None].to(self.device)
         tokens, mask = self.text_tokens([report])
-        probs = sum(unrotate_flip(self._variant_proba(rotate_flip(x, *variant), tokens, mask, variant, sw_batch_size),
-                                  *variant)
+        probs = sum(unrotate_flip(self._variant_proba(rotate_flip(x, *variant), tokens, mask, variant, sw_batch_size,
+                                                      pooled), *variant)
                     for variant in VARIANTS[:self.config.test_time_variants]) / self.config.test_time_variants
         return preprocess.resize_to(probs, plane.shape[:2]).cpu()
 
-    def _variant_proba(self, x: torch.Tensor, tokens, mask, variant, sw_batch_size: int) -> torch.Tensor:
+    def _variant_proba(self, x: torch.Tensor, tokens, mask, variant, sw_batch_size: int,
+                       pooled: FeaturePool | None = None) -> torch.Tensor:
         """Probabilities of the working image ``x`` (1, C, H, W), which is the original turned/flipped by
         ``variant``: report positions are mapped back to the original (as for training variants)."""
         from monai.inferers import sliding_window_inference
@@ -301,6 +303,8 @@ class TextDiffModel(torch.nn.Module):
         def predictor(windows: torch.Tensor, where) -> torch.Tensor:
             n = windows.shape[0]
             feats = self.features(windows)
+            if pooled is not None:
+                pooled.add(feats)
             t = tokens.expand(n, -1, -1) if tokens is not None else None
             m = mask.expand(n, -1) if mask is not None else None
             box = torch.tensor([[(w[2].start - offset[0]) / size_hw[0], (w[3].start - offset[1]) / size_hw[1],
@@ -312,19 +316,45 @@ class TextDiffModel(torch.nn.Module):
                                           mode="gaussian", padding_mode="constant", with_coord=True)
         return torch.softmax(logits[0].float(), dim=0)
 
-    def predict_image_proba(self, image: Image, report: str | None = None, progress=None) -> torch.Tensor:
+    def predict_image_proba(self, image: Image, report: str | None = None, progress=None,
+                            pooled: FeaturePool | None = None) -> torch.Tensor:
         """Probabilities (classes, H, W) for 2D, (classes, D, H, W) for volumes (slice by slice, one intensity
         range)."""
         value_range = preprocess.intensity_range(image.array)
         if not image.is_volume:
-            return self.predict_proba(image.array, report, value_range)
+            return self.predict_proba(image.array, report, value_range, pooled=pooled)
         slices = range(image.array.shape[0])
-        return torch.stack([self.predict_proba(image.array[z], report, value_range)
+        return torch.stack([self.predict_proba(image.array[z], report, value_range, pooled=pooled)
                             for z in (progress(slices) if progress else slices)], dim=1)
 
     def predict(self, image: Image, report: str | None = None, progress=None) -> np.ndarray:
         """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
         return self.predict_image_proba(image, report, progress).argmax(0).numpy().astype(np.uint8)
+
+
+class FeaturePool:
+    """Channel sums of frozen feature maps, block by block: where an image lies in feature space (``vector``)."""
+
+    def __init__(self):
+        self.sums: list[torch.Tensor] = []
+        self.pixels: list[int] = []
+
+    def add(self, feats: list[torch.Tensor]) -> None:
+        """Maps of one batch, each (n, C, h, w) or one image's (C, h, w)."""
+        for block, f in enumerate(feats):
+            f = f if f.dim() == 4 else f[None]
+            total, pixels = f.float().sum(dim=(0, 2, 3)).cpu(), f.shape[0] * f.shape[2] * f.shape[3]
+            if block == len(self.sums):
+                self.sums.append(total)
+                self.pixels.append(pixels)
+            else:
+                self.sums[block] += total
+                self.pixels[block] += pixels
+
+    def vector(self) -> torch.Tensor:
+        """Each block's mean channel vector at unit length (wide blocks do not dominate), concatenated."""
+        return torch.cat([torch.nn.functional.normalize(total / pixels, dim=0)
+                          for total, pixels in zip(self.sums, self.pixels)])
 
 
 def check_test_time_variants(count: int) -> int:

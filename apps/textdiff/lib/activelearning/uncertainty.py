@@ -1,12 +1,15 @@
-"""Uncertainty scoring (mean entropy of the predicted probabilities) and the strategy that uses it."""
+"""Uncertainty scoring (mean entropy of the predicted probabilities, and where each image lies in frozen-feature
+space) and the strategies that use it."""
 from __future__ import annotations
 
 import logging
 
+import torch
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from textdiff.campaign import mean_entropy
+from textdiff.campaign import choose, mean_entropy
+from textdiff.model import FeaturePool
 
 from ..model_store import ModelStore
 from ..settings import AppSettings
@@ -15,6 +18,15 @@ from ..transforms import load_image, stored_report
 logger = logging.getLogger(__name__)
 SCORE_KEY = "textdiff_uncertainty"
 VERSION_KEY = "textdiff_uncertainty_model"
+FEATURES_KEY = "textdiff_features"
+FEATURE_DIMS = 32  # pooled features are projected to this many numbers: a few hundred bytes per image in the index
+
+
+def project(vector: torch.Tensor) -> list[float]:
+    """A fixed random projection (distances kept up to a small factor) of a pooled-feature vector."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(vector.shape[0], FEATURE_DIMS, generator=generator) / FEATURE_DIMS ** 0.5
+    return [round(float(v), 4) for v in vector @ matrix]
 
 
 class EntropyScoring(ScoringMethod):
@@ -37,12 +49,15 @@ class EntropyScoring(ScoringMethod):
             try:
                 model = self.store.current()
                 image = load_image(datastore.get_image_uri(image_id), self.settings.max_image_pixels)
-                entropy = mean_entropy(model.predict_image_proba(image, stored_report(datastore, image_id)))
+                pooled = FeaturePool()
+                entropy = mean_entropy(model.predict_image_proba(image, stored_report(datastore, image_id),
+                                                                 pooled=pooled))
             except Exception as error:  # one bad image must not stop scoring of the others
                 logger.warning(f"scoring {image_id} failed: {error}")
                 failed.append(image_id)
                 continue
-            datastore.update_image_info(image_id, {SCORE_KEY: round(entropy, 6), VERSION_KEY: version})
+            datastore.update_image_info(image_id, {SCORE_KEY: round(entropy, 6), VERSION_KEY: version,
+                                                   FEATURES_KEY: project(pooled.vector())})
             scored += 1
         return {"scored": scored, "skipped": skipped, "failed": failed, "model": version}
 
@@ -59,4 +74,27 @@ class MostUncertain(Strategy):
             return None
         scores = {i: datastore.get_image_info(i).get(SCORE_KEY) for i in images}
         best = max(sorted(images), key=lambda i: -1.0 if scores[i] is None else float(scores[i]))
+        return {"id": best, SCORE_KEY: scores[best]}
+
+
+class DiverseUncertain(Strategy):
+    """The unlabeled image with the highest uncertainty times its distance, in frozen-feature space, to the nearest
+    labeled image: uncertain, and unlike what is labeled already (unscored images come last)."""
+
+    def __init__(self):
+        super().__init__("Uncertain and unlike the labeled images (run the uncertainty scoring first)")
+
+    def __call__(self, request, datastore):
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        infos = {i: datastore.get_image_info(i) for i in images}
+        scored = [i for i in images if infos[i].get(SCORE_KEY) is not None and infos[i].get(FEATURES_KEY)]
+        if not scored:
+            return MostUncertain()(request, datastore)
+        labeled = [i for i in datastore.get_labeled_images() if datastore.get_image_info(i).get(FEATURES_KEY)]
+        vectors = {i: torch.tensor(infos[i][FEATURES_KEY]) for i in scored}
+        vectors |= {i: torch.tensor(datastore.get_image_info(i)[FEATURES_KEY]) for i in labeled}
+        scores = {i: float(infos[i][SCORE_KEY]) for i in scored}
+        best = choose("diverse", scored, 1, None, scores, vectors, labeled)[0]
         return {"id": best, SCORE_KEY: scores[best]}

@@ -5,7 +5,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from ..activelearning.uncertainty import EntropyScoring, MostUncertain
+from ..activelearning.uncertainty import DiverseUncertain, EntropyScoring, MostUncertain
 from ..infers.textdiff import TextDiffInfer
 from ..model_store import ModelStore
 from ..settings import AppSettings
@@ -31,7 +31,8 @@ class TextDiffConfig(TaskConfig):
         return TextDiffPretrain(self.settings)
 
     def strategy(self):
-        return {f"{self.name}_uncertainty": MostUncertain(), "random": Random(), "first": First()}
+        return {f"{self.name}_uncertainty": MostUncertain(), f"{self.name}_diverse": DiverseUncertain(),
+                "random": Random(), "first": First()}
 
     def scoring_method(self):
         return {f"{self.name}_uncertainty": EntropyScoring(self.store, self.settings)}
