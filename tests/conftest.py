@@ -74,6 +74,12 @@ def two_class_client(tmp_path, tiny_model, lvit_folder, monkeypatch):
     yield from serve(tmp_path, tiny_model, lvit_folder, monkeypatch, labels="cell,edge")
 
 
+@pytest.fixture()
+def click_client(tmp_path, tiny_model, lvit_folder, monkeypatch):
+    """An app whose heads read clicks (`--conf clicks true`), started from a model without clicks."""
+    yield from serve(tmp_path, tiny_model, lvit_folder, monkeypatch, clicks="true")
+
+
 def serve(tmp_path, tiny_model, lvit_folder, monkeypatch, **conf):
     from fastapi.testclient import TestClient
     from monailabel.config import settings

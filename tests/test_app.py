@@ -242,3 +242,33 @@ def test_a_stop_request_ends_training_after_its_epoch_and_publishes(client, monk
     response = client.delete("/train/")
     assert response.status_code == 200 and response.json()["status"] == "stopped after its epoch"
     assert stop_file.exists() and not killed
+
+
+def test_clicks_and_report_correct_a_label_the_way_slicer_sends_them(click_client):
+    client = click_client
+    info = client.get("/info/").json()["models"]["textdiff_interactive"]
+    assert info["type"] == "deepedit" and info["labels"] == {"background": 0, "foreground": 1}
+
+    def interactive(**params):
+        return client.post("/infer/textdiff_interactive?image=case_1&output=image",
+                           data={"params": json.dumps(params)})
+
+    clicks = {"foreground": [[40, 40, 0]], "background": [[5, 5]], "report": "dense nuclei"}
+    refused = interactive(**clicks)  # the initial model reads no clicks
+    assert refused.status_code == 400 and "not trained with clicks" in refused.text
+    assert interactive(report="x").status_code == 200  # without clicks it is the plain task
+    assert client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1}).status_code == 200
+    answered = interactive(**clicks)
+    assert answered.status_code == 200, answered.text
+    from monailabel.interfaces.utils.app import app_instance
+
+    model = app_instance().task.store.current()
+    assert model.config.clicks and model.memory is not None and model.memory.entries  # kept for the next round
+    kept = len(model.memory.entries)
+    assert interactive(foreground=[[41, 40]], background=[[5, 5]]).status_code == 200
+    assert len(model.memory.entries) == kept  # the same image: its backbone maps were reused
+    for bad, reason in (({"foreground": [[400, 40]]}, "outside"), ({"foreground": [["a", 40]]}, "finite numbers"),
+                        ({"foreground": [[4, 4, 2]]}, "column, row"), ({"foreground": "40,40"}, "list"),
+                        ({"foreground": [[4, 4]] * 5000}, "at most"), ({"background": [[1, float("inf")]]}, "finite")):
+        response = interactive(**bad)
+        assert response.status_code == 400 and reason in response.text, (bad, response.status_code, response.text)

@@ -78,6 +78,7 @@ OPTION_FIELDS = {
     "labels": ("model", "labels", lambda names: {"background": 0} | {n: i + 1 for i, n in enumerate(names)}),
     "test_time_variants": ("model", "test_time_variants", None),
     "image_path": ("model", "image_path", lambda v: [w for w in v if w] or None), "ema": ("train", "ema", None),
+    "clicks": ("model", "clicks", None),
     "select": ("train", "select", None), "unlabeled_weight": ("train", "unlabeled_weight", None),
     "epochs": ("train", "epochs", None), "train_steps": ("train", "train_steps", None),
     "val_every": ("train", "val_every", None), "lr": ("train", "lr", None),
@@ -120,6 +121,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-path", type=_ints, metavar="WIDTHS",
                    help=_help("widths of a trainable U-Net on the clean image joined to the head, e.g. "
                               "16,32,64,128,256; 0 = none", "model", "image_path"))
+    p.add_argument("--clicks", **FLAG, help="train a head that also reads annotator clicks (placed on its own errors "
+                                            "while training; with no clicks it segments as a plain head)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help=_help(PRECISION_HELP, "model",
                                                                                        "precision"))
     p.add_argument("--labels", type=_names, metavar="NAMES",
@@ -222,12 +225,15 @@ def cmd_evaluate(args) -> int:
     samples = [s for folder in args.data for s in read_lvit(folder, masks=args.masks)]
     if args.limit:
         samples = samples[-args.limit:]
-    result = evaluate(_load(args), samples, args.overlays, use_reports=not args.ignore_reports)
+    result = evaluate(_load(args), samples, args.overlays, use_reports=not args.ignore_reports,
+                      clicks=args.clicks)
     if args.json:
         print(json.dumps(result))
     else:
         for name, v in result["per_image"].items():
             print(f"{name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
+        for count, dice in result.get("dice_by_clicks", {}).items():
+            print(f"{'after ' + str(count) + ' clicks':40s} Dice {dice:.4f}")
         if len(result["per_class"]) > 1:
             for name, v in result["per_class"].items():
                 print(f"{'class ' + name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
@@ -243,7 +249,15 @@ def cmd_infer(args) -> int:
     image = read_image(args.image)
     check_label_path(args.out, image.is_volume)
     model = _load(args)
-    label = model.predict(image, args.report, progress=lambda it: tqdm(it, desc="slices", unit="slice"))
+    clicks = None
+    if args.clicks:
+        from .clicks import read_clicks
+
+        if image.is_volume:
+            raise ValueError("--clicks: clicks are taken on 2D images")
+        clicks = read_clicks(args.clicks, model.config.labels, image.size_hw)
+    label = model.predict(image, args.report, progress=lambda it: tqdm(it, desc="slices", unit="slice"),
+                          clicks=clicks)
     out = write_label(label, image, args.out, scale_255=args.scale_255)
     shape = "x".join(map(str, label.shape))
     print(f"wrote {out} ({shape}, foreground {float((label > 0).mean()):.1%})", file=sys.stderr)
@@ -409,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", help="write image/ground truth/prediction PNGs here")
     p.add_argument("--limit", type=int, help="evaluate only the last N samples")
     p.add_argument("--ignore-reports", action="store_true", help="run without the reports (no-text path)")
+    p.add_argument("--clicks", type=_ints, metavar="COUNTS",
+                   help="also score after simulated corrective clicks, e.g. 0,1,3,5: each click goes to the most "
+                        "interior pixel of the largest wrong region, with the true class there (a model trained "
+                        "with --clicks)")
     p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " (default: the model's)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
@@ -419,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="report text (omit to run without text)")
     p.add_argument("--out", required=True, help=".png for 2D, .nii.gz / .nrrd for volumes")
     p.add_argument("--scale-255", action="store_true", help="write labels as 0/255 instead of 0/1")
+    p.add_argument("--clicks", help='JSON file of clicks [{"y": row, "x": column, "label": name}, ...] in the '
+                                    "image's pixels (a model trained with --clicks)")
     p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " (default: the model's)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_infer)

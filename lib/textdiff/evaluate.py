@@ -6,17 +6,28 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .clicks import corrective_click
 from .data import Sample, read_image, read_mask
 from .metrics import dice_iou_per_class
 from .model import TextDiffModel
 
 
 def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path | None = None,
-             progress: bool = True, use_reports: bool = True) -> dict:
+             progress: bool = True, use_reports: bool = True, clicks: list[int] | None = None) -> dict:
     """Per-image Dice / IoU (mean over the foreground classes) and their means over the images; ``per_class``:
-    each foreground class's mean over the images, by label name."""
+    each foreground class's mean over the images, by label name. ``clicks`` (counts, e.g. [0, 1, 3]): also
+    ``dice_by_clicks``, the mean Dice after that many simulated corrective clicks per image (see
+    ``textdiff.clicks.corrective_click``); the backbone runs once per image, the clicks rerun only the head."""
     names = [name for name, index in sorted(model.config.labels.items(), key=lambda item: item[1]) if index]
     per_image, per_class = {}, {name: {"dice": [], "iou": []} for name in names}
+    by_clicks: dict[int, list[float]] = {count: [] for count in sorted(set(clicks or []))}
+    if by_clicks:
+        if any(count < 0 for count in by_clicks):
+            raise ValueError("click counts must be >= 0")
+        if max(by_clicks) and not model.config.clicks:
+            raise ValueError("this model was not trained with clicks (train it with --clicks)")
+        kept = model.memory
+        model.keep_features(256)  # the image's windows: each click round runs only the head
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         image = read_image(sample.image)
         truth = read_mask(sample.mask, model.config.num_classes)
@@ -28,14 +39,27 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
         for name, class_dice, class_iou in zip(names, dices, ious):
             per_class[name]["dice"].append(class_dice)
             per_class[name]["iou"].append(class_iou)
+        if by_clicks:
+            corrected, placed = label, []
+            for count in range(max(by_clicks) + 1):
+                click = corrective_click(corrected, truth) if count else None
+                if click is not None:
+                    placed.append(click)
+                    corrected = model.predict(image, report, clicks=placed)
+                if count in by_clicks:
+                    by_clicks[count].append(float(np.mean(dice_iou_per_class(corrected, truth,
+                                                                             model.config.num_classes)[0])))
         if overlays:
             save_overlay(image.array, truth, label, Path(overlays) / (Path(sample.name).stem + ".png"),
                          f"{sample.name}  Dice {dice:.3f}", report)
+    if by_clicks:
+        model.memory = kept
     return {"dice": float(np.mean([v["dice"] for v in per_image.values()])),
             "iou": float(np.mean([v["iou"] for v in per_image.values()])),
             "n": len(per_image), "per_image": per_image,
             "per_class": {name: {metric: float(np.mean(values)) for metric, values in scores.items()}
-                          for name, scores in per_class.items()}}
+                          for name, scores in per_class.items()},
+            **({"dice_by_clicks": {count: float(np.mean(v)) for count, v in by_clicks.items()}} if by_clicks else {})}
 
 
 def save_overlay(pixels: np.ndarray, truth: np.ndarray, label: np.ndarray, path: Path, title: str,

@@ -80,6 +80,8 @@ class ModelConfig:
     # per prediction (head epochs ~1.2x faster on CPU; MoNuSeg Val -0.01 Dice)
     image_path: list[int] | None = None  # widths of a trainable U-Net on the clean image joined to the head (a
     # hybrid: with many labels never below a U-Net trained on the same labels); None = the frozen features only
+    clicks: bool = False  # the head also reads annotator clicks: one disk map per class beside the clean image
+    click_radius: float = 3.0  # of a click's disk, in working-scale pixels
     precision: str = "auto"
     feature_channels: list[int] | None = None  # filled when the head is built
     backbone_fingerprint: str | None = None
@@ -135,6 +137,7 @@ class TextDiffModel(torch.nn.Module):
         self.features = features
         self.encoder = encoder
         self.head = head
+        self.memory: FeatureMemory | None = None  # set by keep_features: backbone maps of recent windows
 
     @functools.cached_property
     def feature_strides(self) -> list[int]:
@@ -156,8 +159,8 @@ class TextDiffModel(torch.nn.Module):
         features = features_of(unet if unet is not None else frozen_backbone(config.backbone, str(device)))
         fingerprint = features.fingerprint()
         config.blocks = list(features.blocks)
-        if config.image_path and not config.include_image:
-            raise ValueError("image_path runs on the clean image: it needs include_image")
+        if (config.image_path or config.clicks) and not config.include_image:
+            raise ValueError("image_path and clicks join the clean image: they need include_image")
         check_test_time_variants(config.test_time_variants)
         for name in ("window", "tile"):
             if getattr(config, name) % features.multiple:
@@ -174,7 +177,10 @@ class TextDiffModel(torch.nn.Module):
         with torch.random.fork_rng(devices=[], enabled=seed is not None):  # a seed leaves the global RNG alone
             if seed is not None:
                 torch.manual_seed(seed)
-            head = FusionHead(config.feature_channels, encoder.dim, config.num_classes, config.head_dim,
+            head_channels = list(config.feature_channels)
+            if config.clicks:  # click maps join the clean image, the last input
+                head_channels[-1] += config.num_classes
+            head = FusionHead(head_channels, encoder.dim, config.num_classes, config.head_dim,
                               config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
                               upsample=list(spec.upsample), position=config.position,
                               subpixel=config.subpixel, image_path=config.image_path).to(device)
@@ -241,10 +247,16 @@ class TextDiffModel(torch.nn.Module):
         return tokens.to(self.device), mask.to(self.device)
 
     def head_logits(self, features: list[torch.Tensor], tokens=None, mask=None, size=None, head=None,
-                    dihedral=None, box=None, variants=None) -> torch.Tensor:
+                    dihedral=None, box=None, variants=None, clicks: torch.Tensor | None = None) -> torch.Tensor:
         """Head logits upsampled to the window size (under the model's precision: bf16 halves CPU time).
         ``head`` may be a wrapper of ``self.head`` (DistributedDataParallel while training); ``dihedral`` is a
-        training augmentation, ``box`` where each window lies in its image (see ``FusionHead.forward``)."""
+        training augmentation, ``box`` where each window lies in its image (see ``FusionHead.forward``).
+        ``clicks`` (B, classes, h, w): click maps of a model with clicks (None: no clicks)."""
+        if self.config.clicks:
+            image = features[-1]
+            if clicks is None:
+                clicks = image.new_zeros(image.shape[0], self.config.num_classes, *image.shape[-2:])
+            features = [*features[:-1], torch.cat([image, clicks.to(image.dtype)], dim=1)]
         with _autocast(self.device, resolve_precision(self.config.precision, self.device)):
             logits = (head or self.head)(features, tokens, mask, dihedral, box, variants)
         size = size or self.config.window
@@ -252,6 +264,23 @@ class TextDiffModel(torch.nn.Module):
         if logits.shape[-2:] == size:  # the head already works at window resolution: resizing would be a copy
             return logits.float()
         return torch.nn.functional.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+    def keep_features(self, max_mb: float | None) -> "TextDiffModel":
+        """Keep the backbone maps of the windows inferred last, up to ``max_mb`` (None: keep none), keyed by the
+        windows' pixels: a click round on an image seen before then runs only the head."""
+        self.memory = FeatureMemory(int(max_mb * 2**20)) if max_mb else None
+        return self
+
+    def backbone_maps(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen maps of a batch of working-scale windows, from ``memory`` when they were kept."""
+        if self.memory is None:
+            return self.features(windows)
+        key = hashlib.sha1(windows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        maps = self.memory.get(key)
+        if maps is None:
+            maps = self.features(windows)
+            self.memory.put(key, maps)
+        return maps
 
     def use_test_time_variants(self, count: int | None) -> "TextDiffModel":
         """Average inference over ``count`` flips/rotations from now on (None: keep the model's setting)."""
@@ -276,12 +305,21 @@ class TextDiffModel(torch.nn.Module):
 
     @torch.inference_mode()
     def predict_proba(self, plane: np.ndarray, report: str | None = None, value_range=None,
-                      sw_batch_size: int = 4, pooled: FeaturePool | None = None) -> torch.Tensor:
+                      sw_batch_size: int = 4, pooled: FeaturePool | None = None, clicks=None) -> torch.Tensor:
         """Class probabilities (classes, H, W) of one 2D plane at its native size: the whole working image in one
         forward when it fits ``config.tile``, else overlapping tiles blended with Gaussian weights; averaged over
         ``config.test_time_variants`` flips/rotations of the image. ``pooled`` collects the frozen features' channel
-        sums on the way (no extra backbone pass)."""
+        sums on the way (no extra backbone pass). ``clicks``: ``Click``s in the plane's pixels (a model with
+        clicks; see textdiff.clicks)."""
         x = self.prepare(plane, value_range)[None].to(self.device)
+        if clicks:
+            if not self.config.clicks:
+                raise ValueError("this model was not trained with clicks (train it with --clicks)")
+            from .clicks import click_maps
+
+            maps = click_maps(clicks, tuple(x.shape[-2:]), self.config.num_classes, self.config.click_radius,
+                              x.shape[-2] / plane.shape[0])
+            x = torch.cat([x, maps[None].to(x)], dim=1)  # turned and tiled with the image
         tokens, mask = self.text_tokens([report])
         probs = sum(unrotate_flip(self._variant_proba(rotate_flip(x, *variant), tokens, mask, variant, sw_batch_size,
                                                       pooled), *variant)
@@ -302,7 +340,9 @@ class TextDiffModel(torch.nn.Module):
 
         def predictor(windows: torch.Tensor, where) -> torch.Tensor:
             n = windows.shape[0]
-            feats = self.features(windows)
+            channels = self.features.in_channels
+            clicks = windows[:, channels:] if windows.shape[1] > channels else None
+            feats = self.backbone_maps(windows[:, :channels])
             if pooled is not None:
                 pooled.add(feats)
             t = tokens.expand(n, -1, -1) if tokens is not None else None
@@ -310,26 +350,59 @@ class TextDiffModel(torch.nn.Module):
             box = torch.tensor([[(w[2].start - offset[0]) / size_hw[0], (w[3].start - offset[1]) / size_hw[1],
                                  (w[2].stop - offset[0]) / size_hw[0], (w[3].stop - offset[1]) / size_hw[1]]
                                 for w in where])
-            return self.head_logits(feats, t, m, size=windows.shape[-2:], box=box, variants=[variant] * n)
+            return self.head_logits(feats, t, m, size=windows.shape[-2:], box=box, variants=[variant] * n,
+                                    clicks=clicks)
 
         logits = sliding_window_inference(x, roi, sw_batch_size, predictor, overlap=c.overlap,
                                           mode="gaussian", padding_mode="constant", with_coord=True)
         return torch.softmax(logits[0].float(), dim=0)
 
     def predict_image_proba(self, image: Image, report: str | None = None, progress=None,
-                            pooled: FeaturePool | None = None) -> torch.Tensor:
+                            pooled: FeaturePool | None = None, clicks=None) -> torch.Tensor:
         """Probabilities (classes, H, W) for 2D, (classes, D, H, W) for volumes (slice by slice, one intensity
-        range)."""
+        range). ``clicks`` (2D only): see ``predict_proba``."""
         value_range = preprocess.intensity_range(image.array)
         if not image.is_volume:
-            return self.predict_proba(image.array, report, value_range, pooled=pooled)
+            return self.predict_proba(image.array, report, value_range, pooled=pooled, clicks=clicks)
+        if clicks:
+            raise ValueError("clicks are taken on 2D images")
         slices = range(image.array.shape[0])
         return torch.stack([self.predict_proba(image.array[z], report, value_range, pooled=pooled)
                             for z in (progress(slices) if progress else slices)], dim=1)
 
-    def predict(self, image: Image, report: str | None = None, progress=None) -> np.ndarray:
+    def predict(self, image: Image, report: str | None = None, progress=None, clicks=None) -> np.ndarray:
         """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
-        return self.predict_image_proba(image, report, progress).argmax(0).numpy().astype(np.uint8)
+        return self.predict_image_proba(image, report, progress, clicks=clicks).argmax(0).numpy().astype(np.uint8)
+
+
+class FeatureMemory:
+    """Least-recently-used backbone maps of windows, bounded in bytes (thread-safe: inference runs in threads)."""
+
+    def __init__(self, max_bytes: int):
+        import collections
+        import threading
+
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: collections.OrderedDict[str, list[torch.Tensor]] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> list[torch.Tensor] | None:
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        return None
+
+    def put(self, key: str, maps: list[torch.Tensor]) -> None:
+        size = sum(m.numel() * m.element_size() for m in maps)
+        with self.lock:
+            if size > self.max_bytes or key in self.entries:
+                return
+            self.entries[key] = maps
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= sum(m.numel() * m.element_size() for m in old)
 
 
 class FeaturePool:

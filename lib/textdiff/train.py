@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed, preprocess
 from .accel.heap import release_free_heap
 from .backbone import resolve_precision
+from .clicks import click_maps, training_clicks
 from .data import Sample, read_image, read_mask
 from .head import VARIANTS, rotate_flip
 from .metrics import dice_iou
@@ -574,7 +575,15 @@ def _window_loss(model: TextDiffModel, trained, chunk, config: TrainConfig, rng:
         target = rotate_flip(target, *dihedral)
     reports = [None if rng.random() < config.text_dropout else w[2] for w in chunk]
     tokens, mask = model.text_tokens(reports)
-    logits = model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral, box=box, variants=variants)
+    clicks = None
+    if model.config.clicks and teacher is None:  # clicks on the head's own errors, as an annotator would place them
+        with torch.no_grad():
+            guess = model.head_logits(feats, tokens, mask, head=trained, box=box, variants=variants).argmax(1)
+        window_hw = tuple(guess.shape[-2:])
+        clicks = torch.stack([click_maps(placed, window_hw, model.config.num_classes, model.config.click_radius)
+                              for placed in training_clicks(guess, torch.stack([w[1] for w in chunk]), rng)])
+    logits = model.head_logits(feats, tokens, mask, head=trained, dihedral=dihedral, box=box, variants=variants,
+                               clicks=None if clicks is None else clicks.to(model.device))
     return criterion(logits, target)
 
 

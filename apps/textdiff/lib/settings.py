@@ -49,6 +49,8 @@ class AppSettings:
     recipe: str = RECIPE  # training recipe of new heads (textdiff/recipes: a name or a .toml file)
     epochs: int | None = None  # None = the recipe's step budget
     unlabeled: int = 200  # unlabeled datastore images (a seeded random choice) new heads also learn from; 0 = none
+    clicks: bool = False  # heads trained here also read annotator clicks (the interactive task needs one)
+    click_memory_mb: int = 1024  # backbone maps kept for click rounds on recently answered images
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
     max_image_pixels: int = MAX_PIXELS
@@ -67,7 +69,8 @@ class AppSettings:
         "text_encoder": ("text_encoder", str),
         "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
-        "recipe": ("recipe", _recipe), "unlabeled": ("unlabeled", int),
+        "recipe": ("recipe", _recipe), "unlabeled": ("unlabeled", int), "clicks": ("clicks", _bool),
+        "click_memory_mb": ("click_memory_mb", int),
         "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
@@ -92,7 +95,8 @@ class AppSettings:
             except ValueError as error:
                 raise ValueError(f"--conf {key} {raw!r}: {error}") from None
         settings = cls(**values)
-        for key in ("epochs", "max_image_pixels", "max_report_chars", "max_infer_windows", "max_upload_mb"):
+        for key in ("epochs", "max_image_pixels", "max_report_chars", "max_infer_windows", "max_upload_mb",
+                    "click_memory_mb"):
             if getattr(settings, key) is not None and getattr(settings, key) < 1:
                 raise ValueError(f"--conf {key} must be >= 1")
         if not 0 <= settings.unlabeled <= 100_000:

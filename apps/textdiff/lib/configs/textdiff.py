@@ -6,7 +6,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from ..activelearning.uncertainty import DiverseUncertain, EntropyScoring, MostUncertain
-from ..infers.textdiff import TextDiffInfer
+from ..infers.textdiff import TextDiffInfer, TextDiffInteractive
 from ..model_store import ModelStore
 from ..settings import AppSettings
 from ..trainers.pretrain import TextDiffPretrain
@@ -22,7 +22,10 @@ class TextDiffConfig(TaskConfig):
 
     def infer(self):
         return {self.name: TextDiffInfer(self.store, self.settings, self.datastore_getter,
-                                         "TextDiff: segmentation guided by the image's report")}
+                                         "TextDiff: segmentation guided by the image's report"),
+                f"{self.name}_interactive": TextDiffInteractive(
+                    self.store, self.settings, self.datastore_getter,
+                    "TextDiff with clicks: correct the label with foreground/background points and the report")}
 
     def trainer(self):
         return TextDiffTrain(self.store, self.settings, self.pretrainer().latest)

@@ -8,6 +8,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from textdiff.clicks import MAX_CLICKS, parse_clicks
 from textdiff.data import write_label
 
 from ..model_store import ModelStore
@@ -64,7 +65,7 @@ class TextDiffInfer(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         model = self.store.current()
         started = time.time()
-        data["pred"] = model.predict(data["image"], data["report"])
+        data["pred"] = model.predict(data["image"], data["report"], clicks=data.get("clicks"))
         data["result"] = {
             "report": data["report"], "report_source": data["report_source"],
             "text_used": data["report"] is not None and model.config.use_text,
@@ -81,3 +82,45 @@ class TextDiffInfer(BasicInferTask):
         path = tempfile.NamedTemporaryFile(suffix=suffix, delete=False).name
         write_label(data["pred"].astype(dtype), data["image"], path)
         return path, data["result"]
+
+
+class TextDiffInteractive(TextDiffInfer):
+    """Correction by clicks and text together (DeepEdit's request format, so Slicer's MONAI Label module shows its
+    point tools): the request carries the report and, per label name and ``background``, the annotator's points
+    as [column, row] or [column, row, 0] image indices. The model keeps the backbone maps of the images it answered
+    last, so a click round on the same image runs only the head."""
+
+    def __init__(self, store: ModelStore, settings: AppSettings, datastore_getter, description: str):
+        super().__init__(store, settings, datastore_getter, description)
+        self.type = InferType.DEEPEDIT
+        self.labels = {"background": 0} | store.label_names()
+
+    def _load(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = super()._load(data)
+        model = self.store.current()
+        image = data["image"]
+        points = [{"y": point[1], "x": point[0], "label": name} for name in model.config.labels
+                  for point in _points(data.get(name), name)]
+        if points and image.is_volume:
+            raise bad_request("clicks are taken on 2D images")
+        if points and not model.config.clicks:
+            raise bad_request("the served model was not trained with clicks (--conf clicks true, then train)")
+        try:
+            data["clicks"] = parse_clicks(points, model.config.labels, image.size_hw)
+        except ValueError as error:
+            raise bad_request(f"clicks: {error}") from None
+        if model.memory is None:
+            model.keep_features(self.settings.click_memory_mb)
+        return data
+
+
+def _points(value, name: str) -> list:
+    """A label's points from the request: a list of [column, row] or [column, row, 0]; checked by parse_clicks."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CLICKS:
+        raise bad_request(f"{name}: expected a list of at most {MAX_CLICKS} points")
+    for point in value:
+        if not isinstance(point, list) or len(point) not in (2, 3) or (len(point) == 3 and point[2] not in (0, 0.0)):
+            raise bad_request(f"{name}: a point is [column, row] or [column, row, 0], got {point!r}"[:200])
+    return value

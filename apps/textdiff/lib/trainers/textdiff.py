@@ -71,6 +71,8 @@ class TextDiffTrain(TrainTask):
             changes["scale"] = self.settings.scale
         if self.settings.subpixel is not None:
             changes["subpixel"] = self.settings.subpixel
+        if self.settings.clicks:
+            changes["clicks"] = True
         return dataclasses.replace(config, **changes)
 
     def __call__(self, request, datastore):
