@@ -272,3 +272,22 @@ def test_clicks_and_report_correct_a_label_the_way_slicer_sends_them(click_clien
                         ({"foreground": [[4, 4]] * 5000}, "at most"), ({"background": [[1, float("inf")]]}, "finite")):
         response = interactive(**bad)
         assert response.status_code == 400 and reason in response.text, (bad, response.status_code, response.text)
+
+
+def test_the_benchmark_times_plain_inference_and_click_rounds(tiny_model, lvit_folder, tmp_path, monkeypatch):
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    from textdiff.benchmark import bench_infer, table
+
+    for key in ("MONAI_LABEL_APP_DIR", "MONAI_LABEL_STUDIES", "MONAI_LABEL_APP_CONF",
+                "MONAI_LABEL_AUTO_UPDATE_SCORING", "MONAI_LABEL_DATASTORE_AUTO_RELOAD"):
+        monkeypatch.setattr(settings, key, getattr(settings, key))  # restored after the benchmark set them
+    tiny_model.save(tmp_path / "initial")
+    clear_cache()
+    try:
+        result = bench_infer(str(tmp_path / "initial"), lvit_folder / "img" / "case_0.png", requests=2)
+    finally:
+        clear_cache()
+    assert len(result["infer_1000px_all_s"]) == 2 and len(result["click_rounds_all_s"]) == 3
+    assert result["click_round_1000px_s"] > 0 and "REST click round" in table(result)
