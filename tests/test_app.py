@@ -286,7 +286,8 @@ def test_the_benchmark_times_plain_inference_and_click_rounds(tiny_model, lvit_f
     tiny_model.save(tmp_path / "initial")
     clear_cache()
     try:
-        result = bench_infer(str(tmp_path / "initial"), lvit_folder / "img" / "case_0.png", requests=2)
+        result = bench_infer(str(tmp_path / "initial"), lvit_folder / "img" / "case_0.png", requests=2,
+                             background_images=0)
     finally:
         clear_cache()
     assert len(result["infer_1000px_all_s"]) == 2 and len(result["click_rounds_all_s"]) == 3

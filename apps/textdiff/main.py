@@ -43,6 +43,8 @@ class TextDiffApp(MONAILabelApp):
         if "monailabel.app" in sys.modules:  # the HTTP server (not the train/scoring subprocess, which has none)
             server_guards.install(sys.modules["monailabel.app"].app, self.settings,
                                   loopback_clients_only=self.exposure == "loopback-clients")
+        elif self.settings.background_nice:  # training or scoring: CPU time goes to the annotator's requests first
+            os.nice(max(0, self.settings.background_nice - os.nice(0)))
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TextDiff",
                          description="Report-guided, label-efficient segmentation (TextDiff, MICCAI 2024)",
                          labels=self.task.store.label_names())

@@ -269,8 +269,9 @@ def bench_train(config: ModelConfig, data: Path, epochs: int, measured_epochs: i
             "peak_rss_gb": fast["peak_rss_gb"]}
 
 
-def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
-    """Median REST infer time of one tile on a warm in-process MONAI Label server (the shipped app)."""
+def bench_infer(model_dir: str, tile: Path, requests: int = 5, background_images: int = 40) -> dict:
+    """Median REST infer time of one tile on a warm in-process MONAI Label server (the shipped app): idle, and while
+    the server scores a pool of ``background_images`` in its background process (0: not measured)."""
     import os
     import shutil
 
@@ -282,8 +283,13 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
         studies = Path(tmp) / "studies"
         studies.mkdir()
         shutil.copy(tile, studies / "tile.png")
+        for index in range(background_images):  # a pool for the background scoring to work through
+            shutil.copy(tile, studies / f"pool_{index:03d}.png")
         settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(app_dir), str(studies)
         settings.MONAI_LABEL_APP_CONF = {"model": model_dir, "model_dir": str(Path(tmp) / "published")}
+        # MONAI Label's background processes read the app from the environment, as `start_server` sets it
+        os.environ.update(MONAI_LABEL_APP_DIR=str(app_dir), MONAI_LABEL_STUDIES=str(studies),
+                          MONAI_LABEL_APP_CONF=json.dumps(settings.MONAI_LABEL_APP_CONF))
         settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
         settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False  # no file watcher racing the clean-up
         os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
@@ -299,6 +305,25 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
                 times.append(time.perf_counter() - start)
                 if response.status_code != 200:
                     raise RuntimeError(f"infer failed: {response.text[:300]}")
+            busy = []
+            if background_images:  # the uncertainty scoring of the pool runs in MONAI Label's subprocess
+                assert client.post("/scoring/textdiff_uncertainty").status_code == 200
+                index = studies / "datastore_v2.json"  # the scoring process writes its scores here
+                deadline = time.time() + 300
+                while "textdiff_uncertainty" not in index.read_text():
+                    if time.time() > deadline:  # a busy machine gives a nice-19 process nothing
+                        raise RuntimeError("the background scoring scored nothing within 300 s: is the machine "
+                                           "busy with other work?")
+                    time.sleep(0.5)  # until the background process is scoring, not loading
+                for _ in range(requests):
+                    start = time.perf_counter()
+                    response = client.post("/infer/textdiff?image=tile&output=image", **params)
+                    busy.append(time.perf_counter() - start)
+                running = client.get("/scoring/", params={"check_if_running": True}).status_code == 200
+                client.delete("/scoring/")
+                if not running:
+                    raise RuntimeError("the background scoring ended before the busy requests did: measure with "
+                                       "a larger pool")
             # a head of the same recipe that reads clicks, published where the app serves trained heads from: the
             # first click round computes the tile's backbone maps, the next ones reuse them (timing needs no
             # trained weights)
@@ -317,7 +342,9 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5) -> dict:
                 clicked.append(time.perf_counter() - start)
                 if response.status_code != 200:
                     raise RuntimeError(f"click round failed: {response.text[:300]}")
-    return {"infer_1000px_s": statistics.median(times), "infer_1000px_all_s": times,
+    busy_s = {"infer_busy_1000px_s": statistics.median(busy), "infer_busy_1000px_all_s": busy,
+              "infer_busy_ratio": statistics.median(busy) / statistics.median(times)} if busy else {}
+    return busy_s | {"infer_1000px_s": statistics.median(times), "infer_1000px_all_s": times,
             "click_round_1000px_s": statistics.median(clicked[1:]), "click_first_round_1000px_s": clicked[0],
             "click_rounds_all_s": clicked}
 
@@ -366,6 +393,8 @@ def table(result: dict) -> str:
             ("few-shot training speed-up (vs reference loop)", "train_speedup", "{:.1f}x", "goal >= 20x"),
             ("  the same over the measured epochs only", "train_speedup_measured_epochs", "{:.1f}x", ""),
             ("REST infer, 1000x1000 tile, median", "infer_1000px_s", "{:.2f} s", "goal <= 3 s"),
+            ("REST infer, same, while the pool is scored", "infer_busy_1000px_s", "{:.2f} s", ""),
+            ("  busy / idle", "infer_busy_ratio", "{:.2f}x", "goal <= 1.3x"),
             ("REST click round, same tile again, median", "click_round_1000px_s", "{:.2f} s", "goal <= 0.5 s"),
             ("  its first click round (backbone maps computed)", "click_first_round_1000px_s", "{:.2f} s", ""),
             ("peak RSS, training on 30 MoNuSeg images", "peak_rss_gb", "{:.2f} GB", "goal <= 8 GB"),

@@ -50,6 +50,7 @@ class AppSettings:
     epochs: int | None = None  # None = the recipe's step budget
     unlabeled: int = 200  # unlabeled datastore images (a seeded random choice) new heads also learn from; 0 = none
     clicks: bool = False  # heads trained here also read annotator clicks (the interactive task needs one)
+    background_nice: int = 19  # niceness of training/scoring processes: the annotator's requests go first
     click_memory_mb: int = 1024  # backbone maps kept for click rounds on recently answered images
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
@@ -70,7 +71,7 @@ class AppSettings:
         "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
         "recipe": ("recipe", _recipe), "unlabeled": ("unlabeled", int), "clicks": ("clicks", _bool),
-        "click_memory_mb": ("click_memory_mb", int),
+        "click_memory_mb": ("click_memory_mb", int), "background_nice": ("background_nice", int),
         "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
@@ -101,6 +102,8 @@ class AppSettings:
                 raise ValueError(f"--conf {key} must be >= 1")
         if not 0 <= settings.unlabeled <= 100_000:
             raise ValueError("--conf unlabeled must be in 0..100000")
+        if not 0 <= settings.background_nice <= 19:
+            raise ValueError("--conf background_nice must be in 0..19")
         if not 0 <= settings.val_fraction < 1 or (settings.scale is not None and not 0.01 <= settings.scale <= 4):
             raise ValueError("--conf val_fraction must be in [0, 1) and scale in [0.01, 4]")
         return settings
