@@ -158,7 +158,7 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
     assert script.is_current({"recipe": {**script.recipe("covid"), "ablation_backbone": shipped("random")}}, name)
     assert not script.is_current({"recipe": script.recipe("covid")}, name)
     # each lever has its ablation: the image path, weight averaging, unlabeled images at few labels
-    assert {"monuseg-ablation-image-path", "monuseg-ablation-ema-last", "monuseg-ablation-unlabeled-n6",
+    assert {"monuseg-ablation-image-path", "monuseg-ablation-val-selected", "monuseg-ablation-unlabeled-n6",
             "covid-ablation-unlabeled-n100"} <= planned
     # a U-Net given fewer steps than TextDiff's budget, or another working scale, is not a fair baseline: redone
     assert script.unet_steps("covid") >= recipes.load("chest-xray")["train"]["train_steps"]

@@ -593,7 +593,8 @@ def test_recipes_give_the_shipped_recipe_and_options_override_them(tmp_path):
 
     model, train_kw = configs()
     assert model["scale"] == 0.6 and model["tile"] == 304 and model["labels"] == {"background": 0, "nucleus": 1}
-    assert train_kw["train_steps"] == 1080 and "window" not in model  # the dataclass default applies
+    assert train_kw["train_steps"] == 330 and train_kw["select"] == "last"
+    assert "window" not in model  # the dataclass default applies
     model, train_kw = configs("--scale", "0.5", "--epochs", "3", "--no-text", "--cache-max-gb", "0")
     assert model["scale"] == 0.5 and model["use_text"] is False and train_kw["epochs"] == 3
     assert train_kw.get("train_steps") is None  # epochs given: the recipe's step budget no longer decides them

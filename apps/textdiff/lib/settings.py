@@ -48,7 +48,8 @@ class AppSettings:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     recipe: str = RECIPE  # training recipe of new heads (textdiff/recipes: a name or a .toml file)
     epochs: int | None = None  # None = the recipe's step budget
-    unlabeled: int = 200  # unlabeled datastore images (a seeded random choice) new heads also learn from; 0 = none
+    unlabeled: int = 0  # unlabeled datastore images (a seeded random choice) a recipe with a moving average also
+    # learns from; 0 = none (each costs a backbone pass per training and its cached features)
     clicks: bool = False  # heads trained here also read annotator clicks (the interactive task needs one)
     background_nice: int = 19  # niceness of training/scoring processes: the annotator's requests go first
     click_memory_mb: int = 1024  # backbone maps kept for click rounds on recently answered images

@@ -79,12 +79,13 @@ class TextDiffTrain(TrainTask):
         samples = labeled_samples(datastore)
         if not samples:
             raise bad_request("no labeled images yet: save at least one label before training")
-        if len(samples) >= 3:  # below 3 labels every one is needed for training
+        config = self.train_config(request)
+        # a recipe that keeps its last (moving-average) weights needs no validation images: every label trains
+        if len(samples) >= 3 and config.select == "best":  # below 3 labels every one is needed for training
             n_val = max(1, round(len(samples) * self.settings.val_fraction))
             train_samples, val_samples = samples[:-n_val], samples[-n_val:]
         else:
             train_samples, val_samples = samples, []
-        config = self.train_config(request)
         # the unlabeled pool teaches through the moving average (a recipe without one learns from labels only)
         pool = unlabeled_samples(datastore, self.settings.unlabeled, config.seed) if config.ema else []
         logger.info(f"training on {len(train_samples)} labeled images ({len(pool)} unlabeled), validating on "
