@@ -179,14 +179,16 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
     if "epochs" in train_kw:
         train_kw.setdefault("train_steps", None)
     pool = [s for s in train_all if s not in chosen][: UNLABELED_POOL[dataset]] if unlabeled else None
+    config = TrainConfig(**{**loaded["train"], "seed": seed, "cache_dir": str(FEATURE_CACHE),
+                            "cache_max_gb": CACHE_MAX_GB, "checkpoint": work_dir is not None,
+                            "resume": work_dir is not None, **train_kw})
+    if work_dir and not _resumable(model, work_dir, chosen, val, config):
+        shutil.rmtree(work_dir, ignore_errors=True)  # a stopped run of an earlier recipe: start this one afresh
     start = time.time()
     with tempfile.TemporaryDirectory() as temporary:
         out = work_dir or temporary
-        summary = train(model, chosen, val, out,
-                        TrainConfig(**{**loaded["train"], "seed": seed, "cache_dir": str(FEATURE_CACHE),
-                                       "cache_max_gb": CACHE_MAX_GB, "checkpoint": work_dir is not None,
-                                       "resume": work_dir is not None, **train_kw}),
-                        progress=True, **({"unlabeled_samples": pool} if pool else {}))
+        summary = train(model, chosen, val, out, config, progress=True,
+                        **({"unlabeled_samples": pool} if pool else {}))
         earlier_s = summary["wall_s"] - (time.time() - start)  # > 0: the training time of a stopped earlier part
         trained = TextDiffModel.load(out)
         result = evaluate(trained, val, progress=True, use_reports=use_text)
@@ -205,6 +207,20 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
             **({"resumed_at_epoch": summary["resumed_at_epoch"]} if summary.get("resumed_at_epoch") else {}),
             "recipe": recipe(dataset) | ({"ablation_backbone": backbone_digest(backbone)}
                                          if backbone != RESULTS_BACKBONE[dataset] else {})}
+
+
+def _resumable(model, work_dir: str, chosen, val, config) -> bool:
+    """Whether ``work_dir`` holds no training state, or one of this very run (same data, recipe and options)."""
+    from textdiff.train import TRAIN_STATE_NAME, _read_train_state, _run_identity
+
+    state = Path(work_dir) / TRAIN_STATE_NAME
+    if not state.is_file():
+        return True
+    try:
+        _read_train_state(state, _run_identity(model, config, chosen, val, 1))
+        return True
+    except ValueError:
+        return False
 
 
 def gallery_is_current(dataset: str) -> bool:
