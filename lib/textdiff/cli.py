@@ -184,7 +184,8 @@ def cmd_train(args) -> int:
     teardown()
     best = summary["best"]
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
-    print(f"saved {args.out}: best epoch {best['epoch']}, {val}, {summary['wall_s']:.0f} s", file=sys.stderr)
+    kept = "the last epoch" if train_config.select == "last" else f"best epoch {best['epoch']}"
+    print(f"saved {args.out}: {kept}, {val}, {summary['wall_s']:.0f} s", file=sys.stderr)
     return 0
 
 
