@@ -79,7 +79,7 @@ def labels_to_reach(curve: dict[int, list[float]], target: float) -> int | None:
 
 def summary_lines(dataset: str, found: dict) -> list[str]:
     if "random" not in found:
-        return [f"{NAMES[dataset]}: no finished random campaign yet."]
+        return [f"{NAMES[dataset]}: no finished random campaign yet.", ""]
     final = max(found["random"])
     target = sum(found["random"][final]) / len(found["random"][final])
     points = sorted({n for curve in found.values() for n in curve})
@@ -112,7 +112,8 @@ def plots() -> None:
              "unlabeled pool by the strategy and reveals the ground-truth masks of the images it picks (the oracle",
              "annotator). Strategies: " + ", ".join(f"`{s}`" for s in STRATEGIES) + " (`textdiff campaign --help`).",
              f"A strategy is worth running when it reaches random's final Dice with at most {TARGET_SHARE:.0%} of "
-             "random's labels.", ""]
+             "random's labels. Run `.venv/bin/python scripts/simulate_campaign.py [--only monuseg]` (resumable; each",
+             "finished campaign's record lands in `docs/results/campaigns/`).", ""]
     for dataset in CAMPAIGNS:
         found = curves(dataset)
         lines += summary_lines(dataset, found)
