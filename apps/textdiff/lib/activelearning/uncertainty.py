@@ -65,33 +65,31 @@ class EntropyScoring(ScoringMethod):
 class MostUncertain(Strategy):
     """The unlabeled image with the highest uncertainty score (unscored images come last)."""
 
-    def __init__(self):
-        super().__init__("Most uncertain unlabeled image (run the uncertainty scoring first)")
+    def __init__(self, description: str = "Most uncertain unlabeled image (run the uncertainty scoring first)"):
+        super().__init__(description)
 
     def __call__(self, request, datastore):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
-        if not images:
-            return None
+        return self.pick(sorted(images), datastore) if images else None
+
+    def pick(self, images: list[str], datastore) -> dict:
         scores = {i: datastore.get_image_info(i).get(SCORE_KEY) for i in images}
-        best = max(sorted(images), key=lambda i: -1.0 if scores[i] is None else float(scores[i]))
+        best = max(images, key=lambda i: -1.0 if scores[i] is None else float(scores[i]))
         return {"id": best, SCORE_KEY: scores[best]}
 
 
-class DiverseUncertain(Strategy):
+class DiverseUncertain(MostUncertain):
     """The unlabeled image with the highest uncertainty times its distance, in frozen-feature space, to the nearest
     labeled image: uncertain, and unlike what is labeled already (unscored images come last)."""
 
     def __init__(self):
         super().__init__("Uncertain and unlike the labeled images (run the uncertainty scoring first)")
 
-    def __call__(self, request, datastore):
-        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
-        if not images:
-            return None
+    def pick(self, images: list[str], datastore) -> dict:
         infos = {i: datastore.get_image_info(i) for i in images}
         scored = [i for i in images if infos[i].get(SCORE_KEY) is not None and infos[i].get(FEATURES_KEY)]
         if not scored:
-            return MostUncertain()(request, datastore)
+            return super().pick(images, datastore)
         labeled = [i for i in datastore.get_labeled_images() if datastore.get_image_info(i).get(FEATURES_KEY)]
         vectors = {i: torch.tensor(infos[i][FEATURES_KEY]) for i in scored}
         vectors |= {i: torch.tensor(datastore.get_image_info(i)[FEATURES_KEY]) for i in labeled}
