@@ -193,7 +193,7 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
         in readme
     assert "up to 24 labels): **not all its points run yet**" in readme
     # until the current recipe has run a point, the earlier recipe's mean is shown there, marked
-    assert "| 12 | 0.1000 † | not run yet | not run yet |" in readme and "- † an earlier recipe's mean" in readme
+    assert "| 12 | 0.1000 † | not run yet | not run yet |" in readme and "- † an earlier recipe's result" in readme
     (tmp_path / "docs/results/runs/monuseg-curve-unet-n24-s0.json").write_text(json.dumps({"dice": 0.9, "iou": 0.8, **unet}))
     for n in (3, 6):
         for method, dice in (("textdiff", 0.6), ("unet", 0.65 if n == 6 else 0.55)):
