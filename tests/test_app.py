@@ -274,6 +274,20 @@ def test_clicks_and_report_correct_a_label_the_way_slicer_sends_them(click_clien
         assert response.status_code == 400 and reason in response.text, (bad, response.status_code, response.text)
 
 
+def test_points_for_a_structure_the_served_model_lacks_and_clicks_smuggled_into_the_plain_task_are_refused(
+        two_class_client):
+    client = two_class_client  # annotates cell and edge; serves the binary initial model until trained
+    response = client.post("/infer/textdiff_interactive?image=case_1&output=image",
+                           data={"params": json.dumps({"edge": [[4, 4]]})})
+    assert response.status_code == 400 and "clicks" in response.text, response.text  # never ignored silently
+    response = client.post("/infer/textdiff?image=case_1&output=image",
+                           data={"params": json.dumps({"_clicks": [[4, 4]]})})
+    assert response.status_code == 400 and "_clicks" in response.text, response.text
+    plain = client.post("/infer/textdiff?image=case_1&output=image",
+                        data={"params": json.dumps({"clicks": [[4, 4]], "foreground": "x"})})
+    assert plain.status_code == 200  # keys the plain task does not read change nothing
+
+
 def test_the_benchmark_times_plain_inference_and_click_rounds(tiny_model, lvit_folder, tmp_path, monkeypatch):
     from monailabel.config import settings
     from monailabel.interfaces.utils.app import clear_cache

@@ -65,7 +65,8 @@ class TextDiffInfer(BasicInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         model = self.store.current()
         started = time.time()
-        data["pred"] = model.predict(data["image"], data["report"], clicks=data.get("clicks"))
+        # "_clicks" is set by the interactive task's _load only: params starting with "_" are refused (security)
+        data["pred"] = model.predict(data["image"], data["report"], clicks=data.get("_clicks"))
         data["result"] = {
             "report": data["report"], "report_source": data["report_source"],
             "text_used": data["report"] is not None and model.config.use_text,
@@ -99,14 +100,16 @@ class TextDiffInteractive(TextDiffInfer):
         data = super()._load(data)
         model = self.store.current()
         image = data["image"]
-        points = [{"y": point[1], "x": point[0], "label": name} for name in model.config.labels
+        # the names Slicer sends (this task's labels) and the served model's: a name the model lacks is a 400
+        names = sorted(set(self.labels) | set(model.config.labels))
+        points = [{"y": point[1], "x": point[0], "label": name} for name in names
                   for point in _points(data.get(name), name)]
         if points and image.is_volume:
             raise bad_request("clicks are taken on 2D images")
         if points and not model.config.clicks:
             raise bad_request("the served model was not trained with clicks (--conf clicks true, then train)")
         try:
-            data["clicks"] = parse_clicks(points, model.config.labels, image.size_hw)
+            data["_clicks"] = parse_clicks(points, model.config.labels, image.size_hw)
         except ValueError as error:
             raise bad_request(f"clicks: {error}") from None
         if model.memory is None:
