@@ -207,6 +207,17 @@ def test_heads_trained_in_the_app_follow_the_initial_models_recipe(tiny_unet_dir
     assert not served.config.subpixel and served.config.scale != 0.25
     with pytest.raises(ValueError, match="subpixel 'maybe': expected true/false"):
         new_head(subpixel="maybe")
+    # a recipe asked for shapes the head and its training; the app's labels stay, and --conf still overrides
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('[model]\nscale = 0.5\nhead_dim = 8\nlabels = ["other"]\n[train]\ntrain_steps = 7\n')
+    served, head = new_head(recipe=str(recipe))
+    assert head.config.scale == 0.5 and head.config.head_dim == 8 and head.config.labels == served.config.labels
+    settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), "recipe": str(recipe)}, tmp_path)
+    assert TextDiffTrain(ModelStore(settings), settings, lambda: None).train_config({}).train_steps == 7
+    assert new_head(recipe=str(recipe), scale="0.25")[1].config.scale == 0.25
+    assert new_head()[1].config.head_dim == 16  # no recipe asked for: the initial model's head
+    with pytest.raises(ValueError, match="no recipe"):
+        new_head(recipe="nonexistent")
 
 
 def test_a_stop_request_ends_training_after_its_epoch_and_publishes(client, monkeypatch):

@@ -12,8 +12,6 @@ from textdiff import recipes
 from textdiff.data import MAX_PIXELS
 from textdiff.model import DEFAULT_HEAD, MAX_WINDOWS, check_test_time_variants
 
-RECIPE = recipes.DEFAULT
-
 
 def _bool(text: str) -> bool:
     value = str(text).strip().lower()
@@ -46,7 +44,9 @@ class AppSettings:
     text_encoder: str = "default"
     labels: tuple[str, ...] = ()  # foreground label names; () = those of the initial model
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    recipe: str = RECIPE  # training recipe of new heads (textdiff/recipes: a name or a .toml file)
+    recipe: str | None = None  # a recipe (textdiff/recipes name or .toml) for new heads: its [model] fields replace
+    # the initial model's and its [train] fields are the training; None = the initial model with the default
+    # recipe's training
     epochs: int | None = None  # None = the recipe's step budget
     unlabeled: int = 0  # unlabeled datastore images (a seeded random choice) a recipe with a moving average also
     # learns from; 0 = none (each costs a backbone pass per training and its cached features)

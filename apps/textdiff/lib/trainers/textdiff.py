@@ -39,8 +39,8 @@ class TextDiffTrain(TrainTask):
         return {"max_epochs": self.settings.epochs or 0, "learning_rate": self._recipe().get("lr", TrainConfig.lr),
                 "seed": 0}
 
-    def _recipe(self) -> dict:
-        return recipes.load(self.settings.recipe)["train"]
+    def _recipe(self, section: str = "train") -> dict:
+        return recipes.load(self.settings.recipe or recipes.DEFAULT)[section]
 
     def train_config(self, request: dict) -> TrainConfig:
         """The recipe's training, with the request's epochs, learning rate and seed (each checked)."""
@@ -54,13 +54,16 @@ class TextDiffTrain(TrainTask):
             cache_dir=str(self.settings.model_dir.parent / "feature-cache")))
 
     def new_model_config(self) -> ModelConfig:
-        """The initial model's recipe (backbone, blocks, steps, window, scale), with --conf overrides, fresh head."""
+        """The initial model's configuration (backbone, blocks, steps, window, scale), the [model] fields of
+        ``--conf recipe`` when one is given, then the other --conf overrides; a fresh head."""
         base = json.loads((resolve_model_dir(self.settings.initial_model) / "config.json").read_text())
         config = ModelConfig.from_dict(base)
         labels = {"background": 0} | self.store.label_names()
-        changes = dict(labels=labels, feature_channels=None, weights=None, backbone_fingerprint=None,
-                       text_encoder=config.text_encoder if self.settings.text_encoder == "default"
-                       else self.settings.text_encoder)
+        # a recipe asked for shapes the head (blocks, scale, tile, ...); its labels are the app's
+        recipe = {k: v for k, v in self._recipe("model").items() if k != "labels"} if self.settings.recipe else {}
+        changes = recipe | dict(labels=labels, feature_channels=None, weights=None, backbone_fingerprint=None,
+                                text_encoder=recipe.get("text_encoder", config.text_encoder)
+                                if self.settings.text_encoder == "default" else self.settings.text_encoder)
         backbone = self.settings.backbone
         adapted = self.adapted_backbone()
         if backbone == "default" and adapted is not None:
