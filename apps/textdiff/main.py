@@ -19,6 +19,7 @@ from lib.configs.textdiff import TextDiffConfig
 from lib.datastore import ValidatingDatastore
 from lib.security import bound_host, check_name, exposure
 from lib.settings import AppSettings
+from textdiff import priority
 
 logger = logging.getLogger(__name__)
 MODEL = "textdiff"
@@ -43,8 +44,11 @@ class TextDiffApp(MONAILabelApp):
         if "monailabel.app" in sys.modules:  # the HTTP server (not the train/scoring subprocess, which has none)
             server_guards.install(sys.modules["monailabel.app"].app, self.settings,
                                   loopback_clients_only=self.exposure == "loopback-clients")
-        elif self.settings.background_nice:  # training or scoring: CPU time goes to the annotator's requests first
-            os.nice(max(0, self.settings.background_nice - os.nice(0)))
+        else:  # a training or scoring process: CPU time goes to the annotator's requests first
+            if self.settings.background_nice:
+                os.nice(max(0, self.settings.background_nice - os.nice(0)))
+            if self.settings.background_yield:
+                priority.set_yield(self.settings.request_gate().wait)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="TextDiff",
                          description="Report-guided, label-efficient segmentation (TextDiff, MICCAI 2024)",
                          labels=self.task.store.label_names())
@@ -84,7 +88,8 @@ class TextDiffApp(MONAILabelApp):
             if image not in _list_images(store):
                 raise HTTPException(404, f"unknown image id {image!r}")
         request["image_id"] = None if upload else image  # the base class swaps the id for a path; reports need the id
-        return super().infer(request, datastore)
+        with self.settings.request_gate().held():  # background training/scoring pause meanwhile
+            return super().infer(request, datastore)
 
 
 def _list_images(datastore, attempts: int = 5) -> list[str]:

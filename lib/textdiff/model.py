@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import preprocess
+from . import preprocess, priority
 from .backbone import (
     DEFAULT_BACKBONE,
     DEFAULT_NOISE_SEED,
@@ -272,12 +272,20 @@ class TextDiffModel(torch.nn.Module):
         return self
 
     def backbone_maps(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen maps of a batch of working-scale windows, from ``memory`` when they were kept."""
+        """The frozen maps of a batch of working-scale windows, from ``memory`` when they were kept. A background
+        process gives way to requests here (``priority.yield_point``)."""
         if self.memory is None:
+            if priority.yielding():  # background work: one window at a time, so a request waits for one at most
+                maps = []
+                for window in windows.split(1):
+                    priority.yield_point()
+                    maps.append(self.features(window))
+                return [torch.cat(block, dim=0) for block in zip(*maps)]
             return self.features(windows)
         key = hashlib.sha1(windows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         maps = self.memory.get(key)
         if maps is None:
+            priority.yield_point()
             maps = self.features(windows)
             self.memory.put(key, maps)
         return maps
@@ -372,7 +380,8 @@ class TextDiffModel(torch.nn.Module):
 
     def predict(self, image: Image, report: str | None = None, progress=None, clicks=None) -> np.ndarray:
         """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
-        return self.predict_image_proba(image, report, progress, clicks=clicks).argmax(0).numpy().astype(np.uint8)
+        probs = self.predict_image_proba(image, report, progress, clicks=clicks)
+        return preprocess.label_map(probs).numpy().astype(np.uint8)
 
 
 class FeatureMemory:

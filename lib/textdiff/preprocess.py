@@ -55,6 +55,12 @@ def resize_to(x: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None], size=tuple(size_hw), mode="bilinear", align_corners=False)[0]
 
 
+def label_map(probs: torch.Tensor) -> torch.Tensor:
+    """Class index per pixel of (C, ...) probabilities. Reducing a short leading axis is slow in PyTorch (160 ms at
+    2 x 1000 x 1000 on a CPU, a third of a click round); the same argmax over a contiguous last axis takes 12 ms."""
+    return probs.movedim(0, -1).contiguous().argmax(-1)
+
+
 def prepare(plane: np.ndarray, in_channels: int, scale: float, value_range=None) -> torch.Tensor:
     """Pixels of one 2D plane -> model input at the working scale."""
     value_range = value_range or intensity_range(plane)

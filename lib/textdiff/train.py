@@ -25,7 +25,7 @@ from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import distributed, preprocess
+from . import distributed, preprocess, priority
 from .accel.heap import release_free_heap
 from .backbone import resolve_precision
 from .clicks import click_maps, training_clicks
@@ -179,7 +179,7 @@ class FeatureCache:
         features = []
         for b in range(0, len(crops), self.batch_size):
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
-            feats = model.features(batch)
+            feats = model.backbone_maps(batch)
             self.extractions += batch.shape[0]
             features += [[_channels_last(f[k].to(self.dtype).cpu()) for f in feats] for k in range(batch.shape[0])]
         del feats, batch
@@ -345,7 +345,8 @@ def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None) 
     head.eval()
     per_image = {}
     for image in images:
-        label = preprocess.resize_to(cached_probabilities(model, image, head), image.truth.shape).argmax(0).numpy()
+        label = preprocess.label_map(preprocess.resize_to(cached_probabilities(model, image, head),
+                                                          image.truth.shape)).numpy()
         per_image[image.name] = dice_iou(label, image.truth, model.config.num_classes)
     dice = float(np.mean([d for d, _ in per_image.values()]))
     iou = float(np.mean([i for _, i in per_image.values()]))
@@ -539,6 +540,7 @@ def train_epoch(model: TextDiffModel, trained: torch.nn.Module, images: list[Cac
     pool = _epoch_batches(unlabeled, window, strides, config.batch_size, steps, rng) if unlabeled else None
     losses = []
     for chunk in _epoch_batches(images, window, strides, config.batch_size, steps, rng):
+        priority.yield_point()  # a background training gives way to requests between steps
         loss = _window_loss(model, trained, chunk, config, rng, lambda logits, target: loss_fn(logits, target))
         if pool is not None:
             teacher = averaged.module.eval()

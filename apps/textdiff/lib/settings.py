@@ -11,6 +11,7 @@ import torch
 from textdiff import recipes
 from textdiff.data import MAX_PIXELS
 from textdiff.model import DEFAULT_HEAD, MAX_WINDOWS, check_test_time_variants
+from textdiff.priority import RequestGate
 
 
 def _bool(text: str) -> bool:
@@ -52,6 +53,7 @@ class AppSettings:
     # learns from; 0 = none (each costs a backbone pass per training and its cached features)
     clicks: bool = False  # heads trained here also read annotator clicks (the interactive task needs one)
     background_nice: int = 19  # niceness of training/scoring processes: the annotator's requests go first
+    background_yield: bool = True  # training/scoring pause between backbone batches and steps while a request runs
     click_memory_mb: int = 1024  # backbone maps kept for click rounds on recently answered images
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
@@ -73,6 +75,7 @@ class AppSettings:
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
         "recipe": ("recipe", _recipe), "unlabeled": ("unlabeled", int), "clicks": ("clicks", _bool),
         "click_memory_mb": ("click_memory_mb", int), "background_nice": ("background_nice", int),
+        "background_yield": ("background_yield", _bool),
         "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
@@ -108,6 +111,10 @@ class AppSettings:
         if not 0 <= settings.val_fraction < 1 or (settings.scale is not None and not 0.01 <= settings.scale <= 4):
             raise ValueError("--conf val_fraction must be in [0, 1) and scale in [0.01, 4]")
         return settings
+
+    def request_gate(self) -> RequestGate:
+        """Shared by the server (held during each inference) and its training/scoring processes (which wait)."""
+        return RequestGate(self.model_dir.parent / "requests")
 
     def replace(self, **changes) -> "AppSettings":
         return dataclasses.replace(self, **changes)
