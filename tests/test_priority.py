@@ -21,24 +21,27 @@ def hook():
     priority.set_yield(None)
 
 
-def test_gate_waits_while_a_request_holds_it_and_ignores_stale_markers(tmp_path):
-    gate = RequestGate(tmp_path / "requests", stale_s=5, max_wait_s=10, poll_s=0.01)
+def test_gate_waits_while_a_request_holds_it_and_lingers_after_it(tmp_path):
+    gate = RequestGate(tmp_path / "requests", linger_s=0.3, stale_s=5, max_wait_s=10, poll_s=0.01)
     assert not gate.busy() and gate.wait() < 0.05
-    released = threading.Event()
+    ended = []
 
     def request():
         with gate.held():
             time.sleep(0.4)
-        released.set()
+        ended.append(time.monotonic())
 
     worker = threading.Thread(target=request)
     worker.start()
     time.sleep(0.1)
     assert gate.busy()
     waited = gate.wait()
-    assert released.is_set() and 0.2 < waited < 2
+    resumed = time.monotonic()
     worker.join()
-    assert not list((tmp_path / "requests").iterdir())  # the marker is gone with the request
+    assert ended and 0.25 <= resumed - ended[0] < 1.5 and 0.5 < waited < 3  # the request, then the linger
+    assert [p.name for p in (tmp_path / "requests").iterdir()] == [RequestGate.LAST]  # no marker left
+    time.sleep(0.3)
+    assert not gate.busy()
     stale = tmp_path / "requests" / "1-dead.request"  # left by a killed server
     stale.touch()
     os.utime(stale, (time.time() - 60, time.time() - 60))
@@ -52,21 +55,21 @@ def test_inference_and_training_pass_a_yield_point_per_backbone_batch_and_step(t
                                                                                lvit_folder):
     from textdiff.data import read_lvit
 
-    tiny_model.config.tile = 32  # several windows per batch: the background runs them one at a time
     alone = tiny_model.predict_proba(PLANE, "nuclei")
     calls = []
     priority.set_yield(lambda: calls.append(1))
     torch.testing.assert_close(tiny_model.predict_proba(PLANE, "nuclei"), alone)
-    assert len(calls) == tiny_model.work_windows(Image(PLANE, None, False)) > 1
+    assert tiny_model.work_windows(Image(PLANE, None, False)) == 1
+    assert len(calls) >= 3  # one backbone forward: pause points between the UNet's blocks, not only between forwards
     calls.clear()
     config = TrainConfig(epochs=1, batch_size=1, cache_dir=str(tmp_path / "cache"))  # a step per window
     samples = read_lvit(lvit_folder)[:1]
     summary = train(tiny_model, samples, [], tmp_path / "out", config, progress=False)
-    assert len(calls) >= summary["windows"] + 1  # every extraction batch and every step
+    assert len(calls) >= summary["windows"] + 1  # the extraction's blocks and every step
 
 
 def test_a_background_prediction_pauses_while_a_request_holds_the_gate(tiny_model, tmp_path, hook):
-    gate = RequestGate(tmp_path / "requests", poll_s=0.01)
+    gate = RequestGate(tmp_path / "requests", linger_s=0, poll_s=0.01)
     priority.set_yield(gate.wait)
     done = threading.Event()
     with gate.held():
@@ -81,7 +84,7 @@ def test_a_background_prediction_pauses_while_a_request_holds_the_gate(tiny_mode
 def test_the_server_holds_the_gate_during_an_inference(client, monkeypatch):
     from textdiff.model import TextDiffModel
 
-    gate = RequestGate(client.tmp / "requests")  # the app's: beside its model_dir
+    gate = RequestGate(client.tmp / "requests", linger_s=0)  # the app's: beside its model_dir
     seen = []
     predict = TextDiffModel.predict
 

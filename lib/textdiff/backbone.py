@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import priority
 from .accel.backbone import FAST_PATH, use_fast_path
 
 DEFAULT_STEPS = (50, 150, 250)
@@ -279,6 +280,9 @@ class DiffusionFeatures(nn.Module):
             module = self.units[b][1]
             register = module.register_forward_pre_hook if before_upsampling else module.register_forward_hook
             handles.append(register(hook))
+        if priority.yielding():  # a background pass gives way to requests between the UNet's blocks (~0.1 s each)
+            handles += [unit.register_forward_pre_hook(lambda *_: priority.yield_point())
+                        for unit in (*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks)]
         fast_token = FAST_PATH.set(self.fast_path)
         try:
             with _autocast(device, resolve_precision(self.precision, device)):

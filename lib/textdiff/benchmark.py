@@ -36,6 +36,7 @@ import torch
 from .backbone import DiffusionFeatures, naive_features, resolve_precision
 from .data import Sample, read_image, read_lvit
 from .model import CONFIG_NAME, ModelConfig, TextDiffModel, resolve_model_dir
+from .priority import LINGER_S
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "monuseg"
 
@@ -107,6 +108,17 @@ def datasheet_peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return DATASHEET_BF16_TFLOPS[key]
     return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (timings differ by 2-3x between CPUs with and without native bf16)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measured_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -316,6 +328,9 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5, background_images
                                            "busy with other work?")
                     time.sleep(0.5)  # until the background process is scoring, not loading
                 for _ in range(requests):
+                    # after a request the background pauses a while (textdiff.priority.LINGER_S): wait until it works
+                    # again, so that each request arrives while a background window runs
+                    time.sleep(LINGER_S + 1)
                     start = time.perf_counter()
                     response = client.post("/infer/textdiff?image=tile&output=image", **params)
                     busy.append(time.perf_counter() - start)
@@ -368,8 +383,8 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
                                         weights=None))
     model = TextDiffModel.build(config)
     samples = read_lvit(data / "Train_Folder")
-    result: dict = {"device": f"{model.device.type} ({platform.processor() or platform.machine()}, "
-                              f"{torch.get_num_threads()} threads)", "backbone": backbone,
+    result: dict = {"device": f"{model.device.type} ({cpu_name()}, {torch.get_num_threads()} threads, "
+                              f"{resolve_precision(config.precision, model.device)})", "backbone": backbone,
                     "blocks": list(model.config.blocks)}
     parts = {"extract": lambda: bench_extract(model, _windows(samples, model, windows)),
              "train": lambda: bench_train(config, data, epochs, measured_epochs, reference_steps),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import preprocess, priority
+from . import preprocess
 from .backbone import (
     DEFAULT_BACKBONE,
     DEFAULT_NOISE_SEED,
@@ -272,20 +272,12 @@ class TextDiffModel(torch.nn.Module):
         return self
 
     def backbone_maps(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen maps of a batch of working-scale windows, from ``memory`` when they were kept. A background
-        process gives way to requests here (``priority.yield_point``)."""
+        """The frozen maps of a batch of working-scale windows, from ``memory`` when they were kept."""
         if self.memory is None:
-            if priority.yielding():  # background work: one window at a time, so a request waits for one at most
-                maps = []
-                for window in windows.split(1):
-                    priority.yield_point()
-                    maps.append(self.features(window))
-                return [torch.cat(block, dim=0) for block in zip(*maps)]
             return self.features(windows)
         key = hashlib.sha1(windows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         maps = self.memory.get(key)
         if maps is None:
-            priority.yield_point()
             maps = self.features(windows)
             self.memory.put(key, maps)
         return maps

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+LINGER_S = 3.0  # background work stays paused this long after a request ends
 _hook: Callable[[], None] | None = None
 
 
@@ -36,15 +37,18 @@ def yield_point() -> None:
 class RequestGate:
     """A folder of marker files, one per request in progress; foreground and background processes share it.
 
-    ``held()`` marks a request for its duration; ``wait()`` returns once no request is marked, or after
-    ``max_wait_s`` (background work is postponed, never starved for good). A marker older than ``stale_s`` (left by a
-    killed server) is ignored.
+    ``held()`` marks a request for its duration; ``wait()`` returns once no request is marked and none ended in the
+    last ``linger_s`` (an annotator's next click or request follows within seconds: the background should not start a
+    window between them), or after ``max_wait_s`` (background work is postponed, never starved for good). A marker
+    older than ``stale_s`` (left by a killed server) is ignored.
     """
 
-    def __init__(self, folder: str | os.PathLike, stale_s: float = 600.0, max_wait_s: float = 120.0,
-                 poll_s: float = 0.02):
+    LAST = "last-request"  # its modification time: when the last request ended
+
+    def __init__(self, folder: str | os.PathLike, linger_s: float = LINGER_S, stale_s: float = 600.0,
+                 max_wait_s: float = 120.0, poll_s: float = 0.02):
         self.folder = Path(folder)
-        self.stale_s, self.max_wait_s, self.poll_s = stale_s, max_wait_s, poll_s
+        self.linger_s, self.stale_s, self.max_wait_s, self.poll_s = linger_s, stale_s, max_wait_s, poll_s
 
     @contextmanager
     def held(self):
@@ -54,10 +58,17 @@ class RequestGate:
         try:
             yield
         finally:
+            (self.folder / self.LAST).touch()
             marker.unlink(missing_ok=True)
 
     def busy(self) -> bool:
+        """A request runs, or one ended less than ``linger_s`` ago."""
         now = time.time()
+        try:
+            if now - (self.folder / self.LAST).stat().st_mtime < self.linger_s:
+                return True
+        except OSError:  # no request yet
+            pass
         try:
             markers = list(self.folder.glob("*.request"))
         except OSError:
@@ -71,7 +82,7 @@ class RequestGate:
         return False
 
     def wait(self) -> float:
-        """Block while a request is marked; the seconds waited."""
+        """Block while ``busy()``; the seconds waited."""
         start = time.monotonic()
         while self.busy() and time.monotonic() - start < self.max_wait_s:
             time.sleep(self.poll_s)
