@@ -607,3 +607,37 @@ def test_recipes_give_the_shipped_recipe_and_options_override_them(tmp_path):
         configs("--recipe", str(bad))
     with pytest.raises(ValueError, match="no recipe"):
         configs("--recipe", "nonexistent")
+
+
+def test_eight_bit_cache_is_half_the_size_close_to_the_16_bit_maps_and_trains(tiny_model, lvit_folder, tmp_path):
+    import torch
+
+    from textdiff.train import QuantizedMap, stack_windows
+
+    sample = read_lvit(lvit_folder)[0]
+    exact = FeatureCache(tiny_model, tmp_path / "c16").get(sample)
+    small = FeatureCache(tiny_model, tmp_path / "c8", bits=8)
+    coded = small.get(sample)
+    read_back = FeatureCache(tiny_model, tmp_path / "c8", bits=8)
+    again = read_back.get(sample)
+    assert read_back.extractions == 0
+    [wide] = (tmp_path / "c16").glob("*.safetensors")
+    [narrow] = (tmp_path / "c8").glob("*.safetensors")
+    assert narrow.stat().st_size < 0.6 * wide.stat().st_size
+    for x, q, r in zip(exact.tiles[0].features, coded.tiles[0].features, again.tiles[0].features):
+        if x.shape[0] == 3:  # the clean image stays exact
+            assert torch.equal(q, x)
+            continue
+        assert isinstance(q, QuantizedMap) and isinstance(r, QuantizedMap) and r.codes.dtype == torch.uint8
+        assert torch.equal(q[:], r[:]) and q[:].dtype == x.dtype
+        span = (x.float().amax(dim=(1, 2)) - x.float().amin(dim=(1, 2)))[:, None, None]
+        error = (q[:].float() - x.float()).abs()
+        assert (error <= span / 255 * 0.5 + x.float().abs() / 128 + 1e-6).all()  # half a step (+ 16-bit rounding)
+        crop = q[:, :4, 2:6]
+        assert torch.equal(crop, q[:][:, :4, 2:6])
+        assert stack_windows([crop, crop]).is_contiguous(memory_format=torch.channels_last)
+    config = TrainConfig(epochs=1, batch_size=2, cache_dir=str(tmp_path / "c8"), cache_bits=8)
+    summary = train(tiny_model, [sample], [sample], tmp_path / "out", config, progress=False)
+    assert 0 <= summary["best"]["dice"] <= 1
+    with pytest.raises(ValueError, match="8 or 16"):
+        FeatureCache(tiny_model, bits=4)

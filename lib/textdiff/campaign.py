@@ -118,7 +118,8 @@ def run_campaign(model: TextDiffModel, pool: list[Sample], holdout: list[Sample]
         record = {"identity": identity, "config": dataclasses.asdict(config), "strategy": config.strategy,
                   "pool": len(pool), "holdout": len(holdout), "labeled": first, "rounds": []}
     by_name = {s.name: s for s in pool}
-    cache = FeatureCache(model, train_config.cache_dir, train_config.batch_size, train_config.cache_max_gb)
+    cache = FeatureCache(model, train_config.cache_dir, train_config.batch_size, train_config.cache_max_gb,
+                         train_config.cache_bits)
     held_out = [cache.get(s) for s in tqdm(holdout, desc="held-out features", unit="img", disable=not progress)]
     while True:
         labeled = record["labeled"]

@@ -86,6 +86,7 @@ OPTION_FIELDS = {
     "no_feature_augment": ("train", "feature_augment", lambda v: not v),
     "text_dropout": ("train", "text_dropout", None), "seed": ("train", "seed", None),
     "cache_dir": ("train", "cache_dir", None), "cache_max_gb": ("train", "cache_max_gb", lambda v: v or None),
+    "cache_bits": ("train", "cache_bits", None),
 }
 
 
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_help("the cache folder's size limit in GB: least recently used feature files are deleted "
                               "beyond it (0 = no limit; the running job's own files are kept)", "train",
                               "cache_max_gb"))
+    p.add_argument("--cache-bits", type=int, choices=[8, 16],
+                   help=_help("bits per cached feature value: 8 stores bytes with a scale and offset per channel "
+                              "(half the disk and page cache)", "train", "cache_bits"))
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_train)
 

@@ -63,6 +63,8 @@ class TrainConfig:
     pseudo_threshold: float = 0.9  # teacher probability above which a pixel of an unlabeled window is learned
     cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
     cache_max_gb: float | None = DEFAULT_CACHE_MAX_GB  # least recently used files go beyond this; None = no limit
+    cache_bits: int = 16  # 8: features stored as bytes with a scale and offset per channel and tile (half the disk
+    # and page cache of 16-bit; turned back into 16-bit values per window as the head reads them)
     val_every: int = 1  # validate every this many epochs (and after the last): runs of many tiny epochs
     # write the training state to out_dir/TRAIN_STATE_NAME after every epoch (removed when the run completes), so a
     # stopped run can continue with resume=True: a 1500-image chest X-ray run is hours of head epochs on a CPU
@@ -70,10 +72,41 @@ class TrainConfig:
     resume: bool = False  # continue from out_dir's training state when there is one (same data and options)
 
 
+class QuantizedMap:
+    """A (C, h, w) feature map kept as bytes: value = byte * scale + offset, per channel. Indexing returns the
+    16-bit values of the part asked for, so a training window costs its own conversion only."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype):
+        self.codes, self.scale, self.offset, self.dtype = codes, scale, offset, dtype  # uint8 (C, h, w); (C,) x2
+
+    @classmethod
+    def of(cls, feature: torch.Tensor, dtype: torch.dtype) -> "QuantizedMap":
+        f = feature.float()
+        low, high = f.amin(dim=(1, 2)), f.amax(dim=(1, 2))
+        scale = ((high - low) / 255).clamp_min(1e-12)
+        codes = ((f - low[:, None, None]) / scale[:, None, None]).round_().clamp_(0, 255).to(torch.uint8)
+        return cls(_channels_last(codes), scale, low, dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dim(self) -> int:
+        return self.codes.dim()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        codes = self.codes[index]
+        view = (-1, 1, 1) if codes.dim() == 3 else (1, -1, 1, 1)
+        return (codes.float() * self.scale.view(view) + self.offset.view(view)).to(self.dtype)  # keeps the layout
+
+    def float(self) -> torch.Tensor:
+        return self[:].float()
+
+
 @dataclass
 class Tile:
     """Frozen features of one backbone tile (the whole working image when it fits ``config.tile``)."""
-    features: list[torch.Tensor]  # fp16/bf16, one (C, h, w) map per block
+    features: list[torch.Tensor | QuantizedMap]  # fp16/bf16 or 8-bit, one (C, h, w) map per block
     mask: torch.Tensor  # (tile_h, tile_w) long, working scale
     report: str | None
     start: tuple[int, int] = (0, 0)  # top-left corner in the working image
@@ -113,7 +146,7 @@ class FeatureCache:
     """
 
     def __init__(self, model: TextDiffModel, cache_dir: str | Path | None = None, batch_size: int = 4,
-                 max_gb: float | None = DEFAULT_CACHE_MAX_GB):
+                 max_gb: float | None = DEFAULT_CACHE_MAX_GB, bits: int = 16):
         self.model = model
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if max_gb is not None and max_gb <= 0:
@@ -126,8 +159,12 @@ class FeatureCache:
         c = model.config
         # 16-bit storage; bf16 where the head runs in bf16, so autocast does not copy the widest maps once more
         self.dtype = torch.bfloat16 if resolve_precision(c.precision, model.device) == "bf16" else torch.float16
+        if bits not in (8, 16):
+            raise ValueError(f"feature cache bits must be 8 or 16, got {bits}")
+        self.bits = bits
         self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
-                                     c.tile, c.scale, c.precision, c.include_image, str(self.dtype)])
+                                     c.tile, c.scale, c.precision, c.include_image, str(self.dtype)]
+                                    + ([bits] if bits != 16 else []))
 
     def key(self, sample: Sample, variant: int) -> str:
         digest = hashlib.sha256(self.signature.encode())
@@ -181,7 +218,7 @@ class FeatureCache:
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
             feats = model.backbone_maps(batch)
             self.extractions += batch.shape[0]
-            features += [[_channels_last(f[k].to(self.dtype).cpu()) for f in feats] for k in range(batch.shape[0])]
+            features += [[self._stored(f[k].cpu()) for f in feats] for k in range(batch.shape[0])]
         del feats, batch
         self._extracted_since_trim += 1
         if self._extracted_since_trim >= TRIM_EVERY:
@@ -189,10 +226,20 @@ class FeatureCache:
             self._extracted_since_trim = 0
         return features, starts, scaled
 
+    def _stored(self, feature: torch.Tensor) -> torch.Tensor | QuantizedMap:
+        if self.bits == 8 and feature.shape[0] > 3:  # the clean image (3 channels) is tiny: kept exact
+            return QuantizedMap.of(feature, self.dtype)
+        return _channels_last(feature.to(self.dtype))
+
     def _save_disk(self, key: str, features, starts, scaled) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"t{i}.f{b}": f.permute(1, 2, 0).contiguous() for i, tile in enumerate(features)
-                   for b, f in enumerate(tile)}
+        tensors = {}
+        for i, tile in enumerate(features):
+            for b, f in enumerate(tile):
+                if isinstance(f, QuantizedMap):
+                    tensors |= {f"t{i}.f{b}.scale": f.scale.contiguous(), f"t{i}.f{b}.offset": f.offset.contiguous()}
+                    f = f.codes
+                tensors[f"t{i}.f{b}"] = f.permute(1, 2, 0).contiguous()
         meta = {"starts": json.dumps(starts), "scaled": json.dumps(scaled), "blocks": str(len(features[0])),
                 "layout": "hwc"}
         _atomic_write(self.cache_dir / f"{key}.safetensors", lambda p: save_file(tensors, str(p), metadata=meta))
@@ -218,13 +265,19 @@ class FeatureCache:
             blocks = int(meta["blocks"])
             if meta.get("layout") != "hwc":  # another version's layout: extracted again rather than misread
                 return None
-            features = [[tensors[f"t{i}.f{b}"].permute(2, 0, 1) for b in range(blocks)] for i in range(len(starts))]
+            features = [[self._map(tensors, f"t{i}.f{b}") for b in range(blocks)] for i in range(len(starts))]
         except Exception:  # a damaged or foreign cache file is recomputed, never trusted
             return None
         return features, starts, tuple(json.loads(meta["scaled"]))
 
+    def _map(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor | QuantizedMap:
+        stored = tensors[name].permute(2, 0, 1)
+        if stored.dtype != torch.uint8:
+            return stored
+        return QuantizedMap(stored, tensors[f"{name}.scale"], tensors[f"{name}.offset"], self.dtype)
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
 
 
 CACHE_FILE_NAME = re.compile(r"[0-9a-f]{24}\.safetensors")  # FeatureCache.key + suffix
@@ -406,7 +459,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + rank)
     started = time.time()
-    cache = cache or FeatureCache(model, config.cache_dir, config.batch_size, config.cache_max_gb)
+    cache = cache or FeatureCache(model, config.cache_dir, config.batch_size, config.cache_max_gb, config.cache_bits)
     progress = progress and rank == 0
     images, val_images = extract_features(cache, train_samples[rank::world], val_samples if rank == 0 else [],
                                           config.variants, progress)
