@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -96,9 +97,15 @@ def ablation_name(dataset: str, suffix: str, n: int) -> str:
     return f"{dataset}-ablation-{suffix}" + ("" if n == ABLATION_POINT[dataset] else f"-n{n}")
 
 
+def ablation_seed(name: str) -> int:
+    """An ablation repeated on other seeds ends in -s<seed> (its reference: the curve run of that seed)."""
+    match = re.search(r"-s(\d+)$", name)
+    return int(match.group(1)) if match else 0
+
+
 def ablation_parts(name: str) -> tuple[str, str, int]:
-    """(dataset, suffix, labels) of an ablation run's name: the inverse of ablation_name."""
-    dataset, suffix = name.split("-ablation-", 1)
+    """(dataset, suffix, labels) of an ablation run's name (seed aside): the inverse of ablation_name."""
+    dataset, suffix = re.sub(r"-s\d+$", "", name).split("-ablation-", 1)
     head, _, labels = suffix.rpartition("-n")
     if head and labels.isdigit():
         return dataset, head, int(labels)
@@ -150,6 +157,7 @@ ABLATION_POINT = {"monuseg": 24, "covid": 300}  # the curve point every ablation
 # the backbone table's rows: the ablation point, and COVID-QU-Ex's 1500 labels too; a backbone run at another
 # point than the ablation point is named <dataset>-ablation-<suffix>-n<labels>
 BACKBONE_TABLE_POINTS = {"monuseg": (24,), "covid": (300, 1500)}
+COMPACT = [64, 64, 48, 48]  # channels kept per MoNuSeg block: 8-bit, 2.0 MB per 256x256 window (16-bit, all: 16.5)
 IMAGE_PATH = [16, 32, 64, 128, 256]  # the trainable image path's widths (the U-Net baseline's)
 EMA_LAST = {"ema": 0.99, "select": "last"}  # the moving average of the head, kept at the end: no selection on Val
 VAL_SELECTED = {"ema": 0.0, "select": "best", "train_steps": 1080}  # monuseg's former recipe: best of 20 epochs
@@ -323,6 +331,9 @@ def plan(only: str | None, seeds=SEEDS):
              # the image path learns from scratch: the U-Net baseline's 3000 steps
              ("monuseg-ablation-image-path-3000-steps", run_textdiff, at,
               {"image_path": IMAGE_PATH, "train_kw": {"train_steps": 3000}})]
+    for seed in SEEDS:  # compact features (a fixed projection per block, 8-bit cache) against the curve's seeds
+        runs.append(("monuseg-ablation-compact" + (f"-s{seed}" if seed else ""), run_textdiff,
+                     ("monuseg", ABLATION_POINT["monuseg"], seed), {"compact": COMPACT, "train_kw": {"cache_bits": 8}}))
     at = ("covid", ABLATION_POINT["covid"], 0)  # blocks on chest X-rays, whose lesions are coarse
     runs += [("covid-ablation-blocks-0-2-4-5", run_textdiff, at, {"blocks": [0, 2, 4, 5]}),
              ("covid-ablation-blocks-0-1-2-3-4-5", run_textdiff, at, {"blocks": [0, 1, 2, 3, 4, 5]}),
@@ -458,16 +469,19 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-2-5": "decoder blocks 0, 2, 5 (the recipe: 0, 2, 4, 5)", "blocks-4-5": "decoder blocks 4, 5 only",
     "blocks-0-2-4-5": "decoder blocks 0, 2, 4, 5 (the recipe: 0, 2)",
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
-    "text-dropout-0.1": "text dropout 0.1 instead of 0.5"}
+    "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
+    "compact": "compact features: 64, 64, 48, 48 channels per block (fixed projection), 8-bit cache: 2.0 MB per "
+               "256x256 window instead of 16.5"}
 
 
 def ablation_rows(runs: dict) -> list[str]:
     rows = []
     for name in sorted(n for n in runs if "-ablation-" in n):
         dataset, suffix, n = ablation_parts(name)
-        reference = runs.get(f"{dataset}-curve-textdiff-n{n}-s0")
+        reference = runs.get(f"{dataset}-curve-textdiff-n{n}-s{ablation_seed(name)}")
         delta = f"{runs[name]['dice'] - reference['dice']:+.4f}" if reference else "-"
-        change = ABLATION_CHANGES.get(suffix, suffix) + ("" if n == ABLATION_POINT[dataset] else f", {n} labels")
+        change = ABLATION_CHANGES.get(suffix, suffix) + ("" if n == ABLATION_POINT[dataset] else f", {n} labels") \
+            + (f", seed {ablation_seed(name)}" if ablation_seed(name) else "")
         rows.append(f"| {name} | {change} | {_cell(runs, name)} | {delta} |")
     return rows
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import Sample
 from .model import FeaturePool, TextDiffModel
-from .train import CachedImage, FeatureCache, TrainConfig, cached_probabilities, train, validate
+from .train import CachedImage, FeatureCache, TrainConfig, cached_probabilities, fit_projection, train, validate
 
 STRATEGIES = ("random", "entropy", "diverse")
 STRATEGY_HELP = ("random: a seeded random choice; entropy: the highest mean entropy of the predicted "
@@ -118,6 +118,8 @@ def run_campaign(model: TextDiffModel, pool: list[Sample], holdout: list[Sample]
         record = {"identity": identity, "config": dataclasses.asdict(config), "strategy": config.strategy,
                   "pool": len(pool), "holdout": len(holdout), "labeled": first, "rounds": []}
     by_name = {s.name: s for s in pool}
+    if model.projection is not None and not model.projection.fitted:  # fitted once: every round's head reads it
+        fit_projection(model, sorted(pool, key=lambda s: s.name), train_config.seed)
     cache = FeatureCache(model, train_config.cache_dir, train_config.batch_size, train_config.cache_max_gb,
                          train_config.cache_bits)
     held_out = [cache.get(s) for s in tqdm(holdout, desc="held-out features", unit="img", disable=not progress)]

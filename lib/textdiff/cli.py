@@ -78,7 +78,7 @@ OPTION_FIELDS = {
     "labels": ("model", "labels", lambda names: {"background": 0} | {n: i + 1 for i, n in enumerate(names)}),
     "test_time_variants": ("model", "test_time_variants", None),
     "image_path": ("model", "image_path", lambda v: [w for w in v if w] or None), "ema": ("train", "ema", None),
-    "clicks": ("model", "clicks", None),
+    "clicks": ("model", "clicks", None), "compact": ("model", "compact", lambda v: [k for k in v if k] or None),
     "select": ("train", "select", None), "unlabeled_weight": ("train", "unlabeled_weight", None),
     "epochs": ("train", "epochs", None), "train_steps": ("train", "train_steps", None),
     "val_every": ("train", "val_every", None), "lr": ("train", "lr", None),
@@ -124,6 +124,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                               "16,32,64,128,256; 0 = none", "model", "image_path"))
     p.add_argument("--clicks", **FLAG, help="train a head that also reads annotator clicks (placed on its own errors "
                                             "while training; with no clicks it segments as a plain head)")
+    p.add_argument("--compact", type=_ints, metavar="COUNTS",
+                   help=_help("channels kept per hooked block, e.g. 64,64,48,48: a fixed projection onto each "
+                              "block's principal directions (fitted on the first training images) shrinks the "
+                              "feature cache and click memory; 0 = every channel", "model", "compact"))
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help=_help(PRECISION_HELP, "model",
                                                                                        "precision"))
     p.add_argument("--labels", type=_names, metavar="NAMES",

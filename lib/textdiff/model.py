@@ -31,6 +31,7 @@ from .backbone import (
     load_unet,
     resolve_precision,
 )
+from .compact import FeatureProjection
 from .data import Image
 from .head import VARIANTS, FusionHead, rotate_flip, unrotate_flip
 from .text import DEFAULT_MAX_TOKENS, DEFAULT_TEXT_ENCODER, ReportEncoder, collate_tokens
@@ -82,8 +83,10 @@ class ModelConfig:
     # hybrid: with many labels never below a U-Net trained on the same labels); None = the frozen features only
     clicks: bool = False  # the head also reads annotator clicks: one disk map per class beside the clean image
     click_radius: float = 3.0  # of a click's disk, in working-scale pixels
+    compact: list[int] | None = None  # channels kept per hooked block: a fixed projection onto each block's principal
+    # directions, fitted on the first training images (textdiff.compact); None = every channel
     precision: str = "auto"
-    feature_channels: list[int] | None = None  # filled when the head is built
+    feature_channels: list[int] | None = None  # filled when the head is built (the backbone's, before compact)
     backbone_fingerprint: str | None = None
     weights: str | None = None  # name of the head's safetensors file inside the model folder
 
@@ -131,12 +134,13 @@ def frozen_encoder(source: str, max_tokens: int, device: str) -> ReportEncoder:
 
 class TextDiffModel(torch.nn.Module):
     def __init__(self, config: ModelConfig, features: DiffusionFeatures, encoder: ReportEncoder | None,
-                 head: FusionHead):
+                 head: FusionHead, projection: FeatureProjection | None = None):
         super().__init__()
         self.config = config
         self.features = features
         self.encoder = encoder
         self.head = head
+        self.projection = projection  # config.compact: applied to every backbone map before the head and the caches
         self.memory: FeatureMemory | None = None  # set by keep_features: backbone maps of recent windows
 
     @functools.cached_property
@@ -178,6 +182,11 @@ class TextDiffModel(torch.nn.Module):
             if seed is not None:
                 torch.manual_seed(seed)
             head_channels = list(config.feature_channels)
+            projection = None
+            if config.compact is not None:
+                blocks = len(config.blocks)
+                projection = FeatureProjection(head_channels[:blocks], list(config.compact)).to(device)
+                head_channels[:blocks] = list(config.compact)
             if config.clicks:  # click maps join the clean image, the last input
                 head_channels[-1] += config.num_classes
             head = FusionHead(head_channels, encoder.dim, config.num_classes, config.head_dim,
@@ -187,7 +196,7 @@ class TextDiffModel(torch.nn.Module):
         if config.subpixel and not head.subpixel:  # the config says what the head is, not what was asked
             logger.warning("subpixel: these blocks give no full-resolution scale to fold; the head is the plain one")
             config.subpixel = False
-        return cls(config, features, encoder, head)
+        return cls(config, features, encoder, head, projection)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device=None, unet=None, encoder=None) -> "TextDiffModel":
@@ -205,6 +214,11 @@ class TextDiffModel(torch.nn.Module):
                              "again on this backbone, or point the model at the backbone it was trained on")
         state = load_file(str(model_dir / (config.weights or "head.safetensors")))
         try:
+            compact = {k.removeprefix("compact."): state.pop(k) for k in list(state) if k.startswith("compact.")}
+            if model.projection is not None:
+                model.projection.load_state_dict(compact)
+            elif compact:
+                raise RuntimeError("a projection without compact in the config")
             model.head.load_state_dict(state)
         except RuntimeError:
             raise ValueError(f"{model_dir}: its head weights do not fit this version's head layout (trained by an "
@@ -216,6 +230,10 @@ class TextDiffModel(torch.nn.Module):
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        if self.projection is not None:
+            if not self.projection.fitted:
+                raise ValueError("the compact projection was never fitted (textdiff.train.fit_projection)")
+            state |= {f"compact.{k}": v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
         digest = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in state.values())).hexdigest()[:12]
         weights = f"head-{digest}.safetensors"
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -274,13 +292,16 @@ class TextDiffModel(torch.nn.Module):
     def backbone_maps(self, windows: torch.Tensor) -> list[torch.Tensor]:
         """The frozen maps of a batch of working-scale windows, from ``memory`` when they were kept."""
         if self.memory is None:
-            return self.features(windows)
+            return self._projected(self.features(windows))
         key = hashlib.sha1(windows.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         maps = self.memory.get(key)
         if maps is None:
-            maps = self.features(windows)
+            maps = self._projected(self.features(windows))
             self.memory.put(key, maps)
         return maps
+
+    def _projected(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return maps if self.projection is None else self.projection(maps)
 
     def use_test_time_variants(self, count: int | None) -> "TextDiffModel":
         """Average inference over ``count`` flips/rotations from now on (None: keep the model's setting)."""

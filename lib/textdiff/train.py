@@ -29,6 +29,7 @@ from . import distributed, preprocess, priority
 from .accel.heap import release_free_heap
 from .backbone import resolve_precision
 from .clicks import click_maps, training_clicks
+from .compact import sample_pixels
 from .data import Sample, read_image, read_mask
 from .head import VARIANTS, rotate_flip
 from .metrics import dice_iou
@@ -162,9 +163,12 @@ class FeatureCache:
         if bits not in (8, 16):
             raise ValueError(f"feature cache bits must be 8 or 16, got {bits}")
         self.bits = bits
+        if model.projection is not None and not model.projection.fitted:
+            raise ValueError("fit the model's compact projection before caching its features (fit_projection)")
         self.signature = json.dumps([model.config.backbone_fingerprint, c.blocks, c.steps, c.noise_seed, c.window,
                                      c.tile, c.scale, c.precision, c.include_image, str(self.dtype)]
-                                    + ([bits] if bits != 16 else []))
+                                    + ([bits] if bits != 16 else [])
+                                    + ([model.projection.digest()] if model.projection is not None else []))
 
     def key(self, sample: Sample, variant: int) -> str:
         digest = hashlib.sha256(self.signature.encode())
@@ -227,7 +231,7 @@ class FeatureCache:
         return features, starts, scaled
 
     def _stored(self, feature: torch.Tensor) -> torch.Tensor | QuantizedMap:
-        if self.bits == 8 and feature.shape[0] > 3:  # the clean image (3 channels) is tiny: kept exact
+        if self.bits == 8:
             return QuantizedMap.of(feature, self.dtype)
         return _channels_last(feature.to(self.dtype))
 
@@ -459,6 +463,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + rank)
     started = time.time()
+    if model.projection is not None and not model.projection.fitted:
+        fit_projection(model, train_samples, config.seed)  # every rank fits the same images: the same projection
     cache = cache or FeatureCache(model, config.cache_dir, config.batch_size, config.cache_max_gb, config.cache_bits)
     progress = progress and rank == 0
     images, val_images = extract_features(cache, train_samples[rank::world], val_samples if rank == 0 else [],
@@ -554,6 +560,27 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         if len(history) == total_epochs:  # complete: nothing left to resume
             state_path.unlink(missing_ok=True)
     return summary
+
+
+PROJECTION_IMAGES = 8  # training images whose backbone maps fit a compact projection
+
+
+def fit_projection(model: TextDiffModel, samples: list[Sample], seed: int = 0) -> None:
+    """Fit ``model.projection`` on pixels sampled from the raw backbone maps of the first ``PROJECTION_IMAGES``
+    images (one extra backbone pass over them; the projection is then fixed for the model's life)."""
+    c = model.config
+    generator = torch.Generator().manual_seed(seed)
+    blocks = len(c.blocks)
+    pixels: list[list[torch.Tensor]] = [[] for _ in range(blocks)]
+    for sample in samples[:PROJECTION_IMAGES]:
+        x = model.prepare(read_image(sample.image).array)
+        padded, sides, starts = tile_layout(tuple(x.shape[-2:]), c.window, c.tile, model.features.multiple)
+        x = _pad_to(x, padded)
+        crops = torch.stack([x[:, i:i + sides[0], j:j + sides[1]] for i, j in starts])
+        for batch in crops.split(4):
+            for b, block_pixels in enumerate(sample_pixels(model.features(batch.to(model.device)), blocks, generator)):
+                pixels[b].append(block_pixels)
+    model.projection.fit([torch.cat(p) for p in pixels])
 
 
 def extract_features(cache: FeatureCache, samples: list[Sample], val_samples: list[Sample], variants: int,

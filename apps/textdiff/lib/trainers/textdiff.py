@@ -102,11 +102,27 @@ class TextDiffTrain(TrainTask):
                 config, str(self.stop_file), pool))
             summary = json.loads((self.settings.model_dir / "training.json").read_text())
         else:
-            model = TextDiffModel.build(self.new_model_config(), self.settings.device, seed=config.seed)
+            model = self.keep_projection(TextDiffModel.build(self.new_model_config(), self.settings.device,
+                                                             seed=config.seed))
             summary = train(model, train_samples, val_samples, self.settings.model_dir, config, progress=False,
                             should_stop=self.stop_file.exists, unlabeled_samples=pool)
         summary.pop("history", None)
         return summary | {"published": str(self.settings.model_dir)}
+
+    def keep_projection(self, model: TextDiffModel) -> TextDiffModel:
+        """A compact model takes the served model's projection when it fits (same backbone maps and counts): fitted
+        once, so the cached features of the datastore stay valid from one head to the next."""
+        if model.projection is None:
+            return model
+        try:
+            served = self.store.current()
+        except (FileNotFoundError, ValueError):
+            return model
+        same = [getattr(served.config, k) == getattr(model.config, k)
+                for k in ("backbone_fingerprint", "blocks", "steps", "noise_seed", "compact", "upsampler_input")]
+        if served.projection is not None and served.projection.fitted and all(same):
+            model.projection.load_state_dict(served.projection.state_dict())
+        return model
 
     def stats(self):
         path = self.settings.model_dir / "training.json"
