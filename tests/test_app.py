@@ -317,3 +317,36 @@ def test_the_benchmark_times_plain_inference_and_click_rounds(tiny_model, lvit_f
         clear_cache()
     assert len(result["infer_1000px_all_s"]) == 2 and len(result["click_rounds_all_s"]) == 3
     assert result["click_round_1000px_s"] > 0 and "REST click round" in table(result)
+
+
+def test_compact_heads_trained_in_the_app_keep_the_served_projection(tiny_model, lvit_folder, tmp_path, monkeypatch):
+    """A recipe with compact features: the first head fits the projection, later heads reuse it (the datastore's
+    cached features stay valid)."""
+    import dataclasses
+
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    from lib.model_store import ModelStore
+    from lib.settings import AppSettings
+    from lib.trainers.textdiff import TextDiffTrain
+    from textdiff.data import read_lvit
+    from textdiff.model import TextDiffModel
+    from textdiff.train import TrainConfig, train
+
+    kept = [2] * len(tiny_model.config.blocks)
+    compact = TextDiffModel.build(dataclasses.replace(tiny_model.config, compact=kept, feature_channels=None,
+                                                      weights=None), "cpu", seed=0)
+    train(compact, read_lvit(lvit_folder)[:1], [], tmp_path / "initial", TrainConfig(epochs=1), progress=False)
+    recipe = tmp_path / "compact.toml"
+    recipe.write_text(f"[model]\ncompact = {kept}\n[train]\ntrain_steps = 2\n")
+    settings = AppSettings.from_conf({"model": str(tmp_path / "initial"), "recipe": str(recipe)}, tmp_path)
+    store = ModelStore(settings)
+    trainer = TextDiffTrain(store, settings, lambda: None)
+    fresh = TextDiffModel.build(trainer.new_model_config(), "cpu", seed=1)
+    assert fresh.config.compact == kept and not fresh.projection.fitted
+    kept_model = trainer.keep_projection(fresh)
+    assert kept_model.projection.fitted and kept_model.projection.digest() == store.current().projection.digest()
+    other = tmp_path / "other.toml"  # other counts: the served projection does not fit, the next training fits one
+    other.write_text(f"[model]\ncompact = {[1] * len(kept)}\n[train]\ntrain_steps = 2\n")
+    settings = settings.replace(recipe=str(other))
+    trainer = TextDiffTrain(ModelStore(settings), settings, lambda: None)
+    assert not trainer.keep_projection(TextDiffModel.build(trainer.new_model_config(), "cpu")).projection.fitted
