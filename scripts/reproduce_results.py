@@ -157,6 +157,7 @@ ABLATION_POINT = {"monuseg": 24, "covid": 300}  # the curve point every ablation
 # the backbone table's rows: the ablation point, and COVID-QU-Ex's 1500 labels too; a backbone run at another
 # point than the ablation point is named <dataset>-ablation-<suffix>-n<labels>
 BACKBONE_TABLE_POINTS = {"monuseg": (24,), "covid": (300, 1500)}
+CLICK_COUNTS = [0, 1, 3, 5]  # simulated corrective clicks per image the click runs are evaluated after
 COMPACT = [64, 64, 48, 48]  # channels kept per MoNuSeg block: 8-bit, 2.0 MB per 256x256 window (16-bit, all: 16.5)
 IMAGE_PATH = [16, 32, 64, 128, 256]  # the trainable image path's widths (the U-Net baseline's)
 EMA_LAST = {"ema": 0.99, "select": "last"}  # the moving average of the head, kept at the end: no selection on Val
@@ -166,11 +167,12 @@ UNLABELED_POOL = {"monuseg": 24, "covid": 400}  # unlabeled images (the rest of 
 
 
 def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, gallery=0, train_kw=None,
-                 unlabeled=False, work_dir=None, **model_kw) -> dict:
+                 unlabeled=False, work_dir=None, click_counts=None, **model_kw) -> dict:
     """A run of the dataset's recipe; ``model_kw`` / ``train_kw`` override its ModelConfig / TrainConfig fields
     (``epochs`` replaces the step budget); ``unlabeled``: the pool's images not drawn as labels join as unlabeled
     images. ``work_dir``: train there, leaving a training state after every epoch, and resume from one found there
-    (a 1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped run loses one epoch, not the run)."""
+    (a 1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped run loses one epoch, not the run).
+    ``click_counts``: also the Dice after that many simulated corrective clicks per image (a model with clicks)."""
     from textdiff.evaluate import evaluate
     from textdiff.model import ModelConfig, TextDiffModel
     from textdiff.train import TrainConfig, train
@@ -199,7 +201,7 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
                         **({"unlabeled_samples": pool} if pool else {}))
         earlier_s = summary["wall_s"] - (time.time() - start)  # > 0: the training time of a stopped earlier part
         trained = TextDiffModel.load(out)
-        result = evaluate(trained, val, progress=True, use_reports=use_text)
+        result = evaluate(trained, val, progress=True, use_reports=use_text, clicks=click_counts)
         if gallery and not gallery_is_current(dataset):  # overlays of a few evaluation images for docs/results.md
             folder = OUT / "gallery" / dataset
             for old in folder.glob("*.png"):
@@ -213,6 +215,8 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
             "unlabeled_images": summary.get("unlabeled_images", 0), "epochs": summary["epochs"],
             "best_epoch": summary["best"]["epoch"], "wall_s": round(time.time() - start + max(0.0, earlier_s), 1),
             **({"resumed_at_epoch": summary["resumed_at_epoch"]} if summary.get("resumed_at_epoch") else {}),
+            **({"dice_by_clicks": {str(k): v for k, v in result["dice_by_clicks"].items()}}
+               if click_counts else {}),
             "recipe": recipe(dataset) | ({"ablation_backbone": backbone_digest(backbone)}
                                          if backbone != RESULTS_BACKBONE[dataset] else {})}
 
@@ -331,6 +335,11 @@ def plan(only: str | None, seeds=SEEDS):
              # the image path learns from scratch: the U-Net baseline's 3000 steps
              ("monuseg-ablation-image-path-3000-steps", run_textdiff, at,
               {"image_path": IMAGE_PATH, "train_kw": {"train_steps": 3000}})]
+    # interactive correction: a head that reads clicks, evaluated after 0-5 simulated corrective clicks per image
+    runs += [("monuseg-ablation-clicks", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
+              {"clicks": True, "click_counts": CLICK_COUNTS}),
+             (ablation_name("covid", "clicks", 100), run_textdiff, ("covid", 100, 0),
+              {"clicks": True, "click_counts": CLICK_COUNTS})]
     for seed in SEEDS:  # compact features (a fixed projection per block, 8-bit cache) against the curve's seeds
         runs.append(("monuseg-ablation-compact" + (f"-s{seed}" if seed else ""), run_textdiff,
                      ("monuseg", ABLATION_POINT["monuseg"], seed), {"compact": COMPACT, "train_kw": {"cache_bits": 8}}))
@@ -470,6 +479,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-2-4-5": "decoder blocks 0, 2, 4, 5 (the recipe: 0, 2)",
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
     "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
+    "clicks": "a head that also reads clicks (trained on simulated corrective clicks), evaluated without clicks",
     "compact": "compact features: 64, 64, 48, 48 channels per block (fixed projection), 8-bit cache: 2.0 MB per "
                "256x256 window instead of 16.5"}
 
@@ -484,6 +494,26 @@ def ablation_rows(runs: dict) -> list[str]:
             + (f", seed {ablation_seed(name)}" if ablation_seed(name) else "")
         rows.append(f"| {name} | {change} | {_cell(runs, name)} | {delta} |")
     return rows
+
+
+def click_lines(runs: dict) -> list[str]:
+    """Dice after 0, 1, 3, 5 simulated corrective clicks per image, beside the plain head of the same labels."""
+    names = [name for name, *_ in plan("") if name.endswith(("-ablation-clicks", "-ablation-clicks-n100"))]
+    lines = ["", "## Clicks and text together", "",
+             "`textdiff evaluate --clicks 0,1,3,5`: each click is placed, as an annotator would, inside the largest",
+             "wrong region of the current label map (foreground click on a missed part, background click on a false",
+             "one); only the head runs again. The plain column is the head without clicks trained on the same labels.",
+             "", "| run | plain head | " + " | ".join(f"{k} clicks" for k in CLICK_COUNTS) + " |",
+             "|---|---|" + "---|" * len(CLICK_COUNTS)]
+    for name in names:
+        dataset, _, n = ablation_parts(name)
+        plain = runs.get(f"{dataset}-curve-textdiff-n{n}-s0")
+        clicked = runs.get(name, {}).get("dice_by_clicks", {})
+        cells = [f"{clicked[str(k)]:.4f}" if str(k) in clicked else "not run yet" for k in CLICK_COUNTS]
+        lines.append(f"| {name} ({NAMES[dataset]}, {n} labels) | {plain['dice']:.4f} | " if plain else
+                     f"| {name} ({NAMES[dataset]}, {n} labels) | not run yet | ")
+        lines[-1] += " | ".join(cells) + " |"
+    return lines
 
 
 def _curve_cell(entry: dict | None, earlier: dict | None) -> str:
@@ -536,6 +566,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict, earlier: dict | None 
         lines += ["", "## TextDiff minus U-Net, seed by seed", "",
                   "A seed picks the labeled images, the same for both methods, so each cell compares the two on the",
                   "same labels (Dice difference; '-' where one of them has no run for that seed yet).", "", *paired]
+    lines += click_lines(runs)
     lines += ["", "## Ablations (one seed)", "",
               "Each run changes one thing in the recipe of the curves' seed-0 run with as many labels (MoNuSeg 24,",
               "COVID-QU-Ex 300 unless the run says otherwise); the last column is its Dice minus that run's.", "",

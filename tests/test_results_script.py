@@ -181,8 +181,19 @@ def test_docs_generated_from_run_files(tmp_path, monkeypatch):
         {"dice": 0.65, "iou": 0.55, "recipe": script.recipe("monuseg")}))
     (tmp_path / "docs/results/runs/covid-ablation-random-init-n1500.json").write_text(json.dumps(
         {"dice": 0.6, "iou": 0.5, "recipe": {**script.recipe("covid"), "ablation_backbone": shipped("random")}}))
+    # a click run: its Dice after 0-5 corrective clicks beside the plain head; a seeded ablation against its seed
+    (tmp_path / "docs/results/runs/monuseg-ablation-clicks.json").write_text(json.dumps(
+        {"dice": 0.69, "iou": 0.59, "recipe": script.recipe("monuseg"),
+         "dice_by_clicks": {"0": 0.69, "1": 0.7, "3": 0.71, "5": 0.72}}))
+    (tmp_path / "docs/results/runs/monuseg-ablation-compact-s1.json").write_text(json.dumps(
+        {"dice": 0.79, "iou": 0.69, "recipe": script.recipe("monuseg")}))
+    assert script.ablation_parts("monuseg-ablation-compact-s1") == ("monuseg", "compact", 24)
     script.plots()
     results = (tmp_path / "docs" / "results.md").read_text()
+    assert "| monuseg-ablation-clicks (MoNuSeg, 24 labels) | 0.7000 | 0.6900 | 0.7000 | 0.7100 | 0.7200 |" in results
+    assert "| covid-ablation-clicks-n100 (COVID-QU-Ex, 100 labels) | not run yet | not run yet |" in results
+    assert "| monuseg-ablation-compact-s1 | compact features" in results and "seed 1 | 0.7900 / 0.6900 | -0.0100 |" \
+        in results
     assert "| COVID-QU-Ex 1500 -> last 200 | not run yet | 0.6000 / 0.5000 | not run yet |" in results
     assert "| covid-ablation-random-init-n1500 | a random-init backbone of the same architecture, 1500 labels | " \
            "0.6000 / 0.5000 | - |" in results
