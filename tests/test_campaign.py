@@ -126,3 +126,40 @@ def test_campaign_docs_say_how_many_labels_each_strategy_needs(tmp_path, monkeyp
     assert "| diverse | 2 |" in page and "not reached |" in page
     assert (tmp_path / "docs" / "results" / "monuseg_campaign.png").is_file()
     assert "no finished random campaign yet" in page  # COVID-QU-Ex has none
+
+
+def test_scoring_shards_across_two_torchrun_processes_with_the_same_scores(tiny_model, lvit_folder, tmp_path):
+    """`torchrun --nproc_per_node 2 -m textdiff.cli score` (gloo on CPU): each process extracts and scores half the
+    images, the first writes them all; the same scores as one process, and a second scoring reads the cache."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    tiny_model.save(tmp_path / "model")
+    args = ["score", "--data", str(lvit_folder), "--model", str(tmp_path / "model")]
+    assert main(args + ["--out", str(tmp_path / "one.json"), "--cache-dir", str(tmp_path / "cache1")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["processes"] == 1 and one["images"] == len(read_lvit(lvit_folder)) >= 3
+    assert all(0 <= v <= 1 for v in one["entropy"].values())
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "textdiff.cli", *args, "--out", str(tmp_path / "two.json"),
+               "--cache-dir", str(tmp_path / "cache2")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and two["entropy"].keys() == one["entropy"].keys()
+    for name, value in one["entropy"].items():
+        assert abs(two["entropy"][name] - value) < 1e-5, name
+    assert len(list((tmp_path / "cache2").glob("*.safetensors"))) == one["images"]  # each image extracted once
+    from textdiff.model import TextDiffModel
+    from textdiff.train import FeatureCache
+
+    reader = FeatureCache(TextDiffModel.load(tmp_path / "model", "cpu"), tmp_path / "cache2")
+    for sample in read_lvit(lvit_folder):  # what the two processes cached is what one process reads back
+        reader.get(sample, labeled=False)
+    assert reader.extractions == 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import Sample
 from .model import FeaturePool, TextDiffModel
 from .train import CachedImage, FeatureCache, TrainConfig, cached_probabilities, fit_projection, train, validate
@@ -52,6 +53,22 @@ def descriptor(image: CachedImage) -> torch.Tensor:
     for tile in image.tiles:
         pool.add(tile.features)
     return pool.vector()
+
+
+def score_pool(model: TextDiffModel, samples: list[Sample], cache: FeatureCache, progress: bool = False) -> dict:
+    """Mean entropy of each image's predicted probabilities (the uncertainty the entropy strategy ranks by), from its
+    cached features: with a cache folder, rescoring after a new head runs only the head. Under torch.distributed
+    (``torchrun``) each rank extracts and scores every world-th image and every rank returns the whole pool's
+    scores, sorted by image name."""
+    rank, world = distributed.current()
+    scores = {}
+    for sample in tqdm(samples[rank::world], desc="score", unit="img", disable=not progress or rank != 0):
+        scores[sample.name] = round(mean_entropy(cached_probabilities(model, cache.get(sample, labeled=False))), 6)
+    if world > 1:
+        parts: list[dict | None] = [None] * world
+        torch.distributed.all_gather_object(parts, scores)
+        scores = {name: value for part in parts for name, value in part.items()}
+    return dict(sorted(scores.items()))
 
 
 def choose(strategy: str, candidates: list[str], count: int, rng: random.Random, scores: dict[str, float] | None = None,

@@ -218,6 +218,30 @@ def cmd_campaign(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from . import distributed
+    from .campaign import score_pool
+    from .data import read_lvit
+    from .model import TextDiffModel
+    from .train import FeatureCache
+
+    rank, world, device = distributed.setup()  # under torchrun: one process per GPU (gloo on CPU), images sharded
+    samples = sorted((s for folder in args.data for s in read_lvit(folder, require_masks=False)),
+                     key=lambda s: s.name)
+    model = TextDiffModel.load(args.model, _device(args.device) if args.device else device)
+    cache = FeatureCache(model, args.cache_dir, bits=args.cache_bits)
+    scores = score_pool(model, samples, cache, progress=True)
+    if rank == 0:
+        text = json.dumps({"model": str(args.model), "images": len(scores), "processes": world, "entropy": scores},
+                          indent=1)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        else:
+            print(text)
+    distributed.teardown()
+    return 0
+
+
 def _load(args):
     from .model import TextDiffModel
 
@@ -439,6 +463,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " (default: the model's)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="uncertainty (mean entropy) of every image of LViT folders; shards across "
+                                     "processes under torchrun")
+    p.add_argument("--data", action="append", required=True, help="LViT split folder (repeatable; masks not needed)")
+    p.add_argument("--model", required=True, help="model folder written by textdiff train (or 'default')")
+    p.add_argument("--out", help="write the scores here as JSON (default: print them)")
+    p.add_argument("--cache-dir", help="keep the frozen features here: scoring again after a new head of the same "
+                                       "backbone and blocks runs only the head")
+    p.add_argument("--cache-bits", type=int, choices=[8, 16], default=_default("train", "cache_bits"),
+                   help="bits per cached feature value (default: %(default)s)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("infer", help="segment one image or volume")
     p.add_argument("--model", required=True, help="model folder written by textdiff train (or 'default')")
