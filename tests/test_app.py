@@ -350,3 +350,29 @@ def test_compact_heads_trained_in_the_app_keep_the_served_projection(tiny_model,
     settings = settings.replace(recipe=str(other))
     trainer = TextDiffTrain(ModelStore(settings), settings, lambda: None)
     assert not trainer.keep_projection(TextDiffModel.build(trainer.new_model_config(), "cpu")).projection.fitted
+
+
+def test_rescoring_after_a_new_head_runs_only_the_head(client, monkeypatch):
+    """Scoring keeps each unlabeled image's frozen features in the cache the trainer uses: once a new head is
+    published, the whole pool is scored again without a backbone pass."""
+    from textdiff.model import TextDiffModel
+
+    first = client.post("/scoring/textdiff_uncertainty?run_sync=true")
+    assert first.status_code == 200, first.text
+    cached = sorted((client.tmp / "feature-cache").glob("*.safetensors"))
+    assert len(cached) == 2  # case_1, case_2
+    response = client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1})
+    assert response.status_code == 200, response.text
+
+    def no_backbone(self, windows):
+        raise AssertionError("the backbone ran while rescoring")
+
+    monkeypatch.setattr(TextDiffModel, "backbone_maps", no_backbone)
+    from monailabel.interfaces.utils.app import app_instance
+
+    before = {i: app_instance().datastore().get_image_info(i)["textdiff_uncertainty_model"] for i in ("case_1", "case_2")}
+    again = client.post("/scoring/textdiff_uncertainty?run_sync=true")
+    assert again.status_code == 200, again.text
+    infos = {i: app_instance().datastore().get_image_info(i) for i in ("case_1", "case_2")}
+    assert all(info["textdiff_uncertainty_model"] != before[i] for i, info in infos.items())  # the new head's scores
+    assert all(0 <= info["textdiff_uncertainty"] <= 1 for info in infos.values())

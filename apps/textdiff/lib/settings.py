@@ -112,6 +112,15 @@ class AppSettings:
             raise ValueError("--conf val_fraction must be in [0, 1) and scale in [0.01, 4]")
         return settings
 
+    def recipe_section(self, section: str) -> dict:
+        """``[model]`` or ``[train]`` of the recipe new heads follow (``--conf recipe``, else the default's)."""
+        return recipes.load(self.recipe or recipes.DEFAULT)[section]
+
+    @property
+    def feature_cache_dir(self) -> Path:
+        """Frozen features of the datastore's images, shared by training and scoring (beside model_dir)."""
+        return self.model_dir.parent / "feature-cache"
+
     def request_gate(self) -> RequestGate:
         """Shared by the server (held during each inference) and its training/scoring processes (which wait)."""
         return RequestGate(self.model_dir.parent / "requests")

@@ -3,13 +3,16 @@ space) and the strategies that use it."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from textdiff.campaign import choose, mean_entropy
-from textdiff.model import FeaturePool
+from textdiff.campaign import choose, descriptor, mean_entropy
+from textdiff.data import Sample
+from textdiff.model import FeaturePool, TextDiffModel
+from textdiff.train import FeatureCache, TrainConfig, cached_probabilities
 
 from ..model_store import ModelStore
 from ..settings import AppSettings
@@ -37,6 +40,7 @@ class EntropyScoring(ScoringMethod):
         super().__init__("Uncertainty: mean entropy of TextDiff's predicted probabilities")
         self.store = store
         self.settings = settings
+        self._cache: FeatureCache | None = None  # of the model scored last
 
     def __call__(self, request, datastore):
         version = self.store.version()
@@ -47,19 +51,31 @@ class EntropyScoring(ScoringMethod):
                 skipped += 1
                 continue
             try:
-                model = self.store.current()
-                image = load_image(datastore.get_image_uri(image_id), self.settings.max_image_pixels)
-                pooled = FeaturePool()
-                entropy = mean_entropy(model.predict_image_proba(image, stored_report(datastore, image_id),
-                                                                 pooled=pooled))
+                entropy, vector = self.score(self.store.current(), datastore, image_id)
             except Exception as error:  # one bad image must not stop scoring of the others
                 logger.warning(f"scoring {image_id} failed: {error}")
                 failed.append(image_id)
                 continue
             datastore.update_image_info(image_id, {SCORE_KEY: round(entropy, 6), VERSION_KEY: version,
-                                                   FEATURES_KEY: project(pooled.vector())})
+                                                   FEATURES_KEY: project(vector)})
             scored += 1
         return {"scored": scored, "skipped": skipped, "failed": failed, "model": version}
+
+    def score(self, model: TextDiffModel, datastore, image_id: str) -> tuple[float, torch.Tensor]:
+        """(mean entropy, pooled frozen features) of one image. A 2D image's features come from the feature cache
+        the trainer also uses (beside model_dir): after a new head of the same backbone and blocks, rescoring runs
+        the head alone."""
+        path = datastore.get_image_uri(image_id)
+        image = load_image(path, self.settings.max_image_pixels)  # size checked before any work
+        report = stored_report(datastore, image_id)
+        if image.is_volume:
+            pooled = FeaturePool()
+            return mean_entropy(model.predict_image_proba(image, report, pooled=pooled)), pooled.vector()
+        if self._cache is None or self._cache.model is not model:
+            bits = self.settings.recipe_section("train").get("cache_bits", TrainConfig.cache_bits)  # the trainer's
+            self._cache = FeatureCache(model, self.settings.feature_cache_dir, bits=bits)
+        cached = self._cache.get(Sample(Path(path), None, report), labeled=False)
+        return mean_entropy(cached_probabilities(model, cached)), descriptor(cached)
 
 
 class MostUncertain(Strategy):

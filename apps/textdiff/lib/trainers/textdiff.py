@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
-from textdiff import recipes
 from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
 from textdiff.train import TrainConfig, train
 
@@ -36,22 +35,19 @@ class TextDiffTrain(TrainTask):
 
     def config(self):
         """The options a client may send (MONAI Label shows them in Slicer); max_epochs 0 = the recipe's budget."""
-        return {"max_epochs": self.settings.epochs or 0, "learning_rate": self._recipe().get("lr", TrainConfig.lr),
-                "seed": 0}
-
-    def _recipe(self, section: str = "train") -> dict:
-        return recipes.load(self.settings.recipe or recipes.DEFAULT)[section]
+        return {"max_epochs": self.settings.epochs or 0,
+                "learning_rate": self.settings.recipe_section("train").get("lr", TrainConfig.lr), "seed": 0}
 
     def train_config(self, request: dict) -> TrainConfig:
         """The recipe's training, with the request's epochs, learning rate and seed (each checked)."""
-        recipe = self._recipe()
+        recipe = self.settings.recipe_section("train")
         epochs = bounded(request, "max_epochs", self.settings.epochs or 0, int, 0, 10_000)
         if epochs:  # epochs asked for replace the recipe's step budget
             recipe = {k: v for k, v in recipe.items() if k != "train_steps"} | {"epochs": epochs}
         return TrainConfig(**recipe | dict(
             lr=bounded(request, "learning_rate", recipe.get("lr", TrainConfig.lr), float, 1e-7, 1.0),
             seed=bounded(request, "seed", 0, int, 0, 2**31 - 1),
-            cache_dir=str(self.settings.model_dir.parent / "feature-cache")))
+            cache_dir=str(self.settings.feature_cache_dir)))
 
     def new_model_config(self) -> ModelConfig:
         """The initial model's configuration (backbone, blocks, steps, window, scale), the [model] fields of
@@ -60,7 +56,8 @@ class TextDiffTrain(TrainTask):
         config = ModelConfig.from_dict(base)
         labels = {"background": 0} | self.store.label_names()
         # a recipe asked for shapes the head (blocks, scale, tile, ...); its labels are the app's
-        recipe = {k: v for k, v in self._recipe("model").items() if k != "labels"} if self.settings.recipe else {}
+        recipe = {k: v for k, v in self.settings.recipe_section("model").items() if k != "labels"} \
+            if self.settings.recipe else {}
         changes = recipe | dict(labels=labels, feature_channels=None, weights=None, backbone_fingerprint=None,
                                 text_encoder=recipe.get("text_encoder", config.text_encoder)
                                 if self.settings.text_encoder == "default" else self.settings.text_encoder)
