@@ -163,3 +163,19 @@ def test_scoring_shards_across_two_torchrun_processes_with_the_same_scores(tiny_
     for sample in read_lvit(lvit_folder):  # what the two processes cached is what one process reads back
         reader.get(sample, labeled=False)
     assert reader.extractions == 0
+
+
+def test_the_pool_benchmark_measures_extraction_cache_size_and_head_only_rescoring(tiny_unet_dir, tiny_encoder_dir,
+                                                                                     lvit_folder, tmp_path):
+    from textdiff.benchmark import bench_pool, table
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(f'[model]\nbackbone = "{tiny_unet_dir}"\ntext_encoder = "{tiny_encoder_dir}"\nwindow = 32\n'
+                      'tile = 64\nhead_dim = 16\nprecision = "fp32"\nlabels = ["cell"]\n')
+    result = bench_pool(lvit_folder, [1, 3], str(recipe), bits=8)
+    small, large = result["pool"]["1"], result["pool"]["3"]
+    assert small["images"] == 1 and large["images"] == 3
+    assert small["cache_mb_per_image"] > 0 and large["rescore_pool_s"] > 0 and large["peak_rss_gb"] > 0
+    assert "pool of 3: extraction" in table(result)
+    with pytest.raises(RuntimeError, match="fewer than the pool size 100"):
+        bench_pool(lvit_folder, [100], str(recipe))

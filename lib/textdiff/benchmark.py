@@ -39,6 +39,7 @@ from .model import CONFIG_NAME, ModelConfig, TextDiffModel, resolve_model_dir
 from .priority import LINGER_S
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "monuseg"
+DEFAULT_POOL_DATA = DEFAULT_DATA.parent / "covid-qu-ex" / "Train_Folder"
 
 
 def _windows(samples: list[Sample], model: TextDiffModel, count: int) -> torch.Tensor:
@@ -364,9 +365,63 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5, background_images
             "click_rounds_all_s": clicked}
 
 
+def bench_pool(folder: Path, sizes: list[int], recipe_name: str = "chest-xray", bits: int = 16,
+               compact: list[int] | None = None) -> dict:
+    """The annotation loop's pool work at each pool size: backbone extraction per image, cache bytes per image, and
+    rescoring the whole pool from the cache after a new head (a fresh head of the recipe: timing needs no trained
+    weights). Each size runs in its own process, so peak RSS is that size's."""
+    context = mp.get_context("spawn")
+    out = {"pool_recipe": recipe_name, "pool_cache_bits": bits, "pool_compact": compact, "pool": {}}
+    for size in sizes:
+        queue = context.Queue()
+        child = context.Process(target=_pool_child, args=(str(folder), size, recipe_name, bits, compact, queue))
+        child.start()
+        measured = queue.get()
+        child.join()
+        if "error" in measured:
+            raise RuntimeError(f"pool of {size}: {measured['error']}")
+        out["pool"][str(size)] = measured
+    return out
+
+
+def _pool_child(folder: str, size: int, recipe_name: str, bits: int, compact, queue) -> None:
+    try:
+        queue.put(_pool_measure(folder, size, recipe_name, bits, compact))
+    except Exception as error:  # the parent waits on the queue: an error must reach it
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+
+
+def _pool_measure(folder: str, size: int, recipe_name: str, bits: int, compact) -> dict:
+    from . import recipes
+    from .campaign import score_pool
+    from .train import FeatureCache, fit_projection
+
+    samples = read_lvit(folder, require_masks=False)[:size]
+    if len(samples) < size:
+        raise ValueError(f"{folder} holds {len(samples)} images, fewer than the pool size {size}")
+    model = TextDiffModel.build(ModelConfig(**recipes.load(recipe_name)["model"], compact=compact), seed=0)
+    if compact:
+        fit_projection(model, samples)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        score_pool(model, samples, FeatureCache(model, cache_dir, bits=bits))  # extraction + head
+        extract_s = time.perf_counter() - start
+        cache_bytes = sum(p.stat().st_size for p in Path(cache_dir).glob("*.safetensors"))
+        fresh = TextDiffModel.build(model.config, seed=1)  # a new head of the same backbone maps: cache hits
+        if compact:
+            fresh.projection.load_state_dict(model.projection.state_dict())
+        start = time.perf_counter()
+        score_pool(fresh, samples, FeatureCache(fresh, cache_dir, bits=bits))
+        rescore_s = time.perf_counter() - start
+    return {"images": size, "extract_and_score_s_per_image": extract_s / size,
+            "cache_mb_per_image": cache_bytes / size / 2**20, "rescore_pool_s": rescore_s,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "default", windows: int = 4,
         epochs: int = 50, measured_epochs: int = 3, reference_steps: int = 24, skip: tuple[str, ...] = (),
-        adm: bool = False, blocks: list[int] | None = None) -> dict:
+        adm: bool = False, blocks: list[int] | None = None, pool: list[int] | None = None,
+        pool_data: Path | None = None, pool_bits: int = 16, pool_compact: list[int] | None = None) -> dict:
     if not (data / "Train_Folder").is_dir():
         raise FileNotFoundError(f"benchmark data not found: {data} (MoNuSeg LViT folders)")
     counts = {"windows": windows, "measured epochs": measured_epochs, "reference steps": reference_steps}
@@ -391,6 +446,8 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
              "infer": lambda: bench_infer(model_dir, samples[0].image)}
     if adm:
         parts["adm"] = lambda: bench_adm(model.device)
+    if pool:
+        parts["pool"] = lambda: bench_pool(pool_data or DEFAULT_POOL_DATA, pool, bits=pool_bits, compact=pool_compact)
     for name, measure in parts.items():
         if name not in skip:
             result |= measure()
@@ -417,6 +474,10 @@ def table(result: dict) -> str:
             ("  physical limit (peak rate / 3 full forwards)", "adm_limit_windows_per_s", "{:.2f}", ""),
             ("  fraction of the limit", "adm_fraction_of_limit", "{:.1%}", "")]
     lines = [f"device: {result.get('device')}  backbone: {result.get('backbone')}  blocks: {result.get('blocks')}", ""]
+    for size, measured in result.get("pool", {}).items():
+        lines.append(f"pool of {size}: extraction {measured['extract_and_score_s_per_image']:.2f} s/image, cache "
+                     f"{measured['cache_mb_per_image']:.1f} MB/image, rescoring after a new head "
+                     f"{measured['rescore_pool_s']:.1f} s, peak RSS {measured['peak_rss_gb']:.2f} GB")
     for label, key, fmt, goal in rows:
         if key is None:
             pair = {"s per": ("extract_naive_s_per_window", "extract_fast_s_per_window", "{:.2f}"),

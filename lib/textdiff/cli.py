@@ -350,7 +350,9 @@ def cmd_benchmark(args) -> int:
 
     result = benchmark.run(args.backbone, Path(args.data) if args.data else benchmark.DEFAULT_DATA, args.model,
                            args.windows, args.epochs, args.measured_epochs, args.reference_steps,
-                           tuple(args.skip or ()), adm=args.adm, blocks=args.blocks)
+                           tuple(args.skip or ()), adm=args.adm, blocks=args.blocks, pool=args.pool,
+                           pool_data=Path(args.pool_data) if args.pool_data else None, pool_bits=args.cache_bits,
+                           pool_compact=args.compact)
     print(benchmark.table(result), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -543,6 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference-loop steps timed after one warm-up step (then scaled; default 24)")
     p.add_argument("--skip", action="append", choices=["extract", "train", "infer"],
                    help="leave this part out (repeatable)")
+    p.add_argument("--pool", type=_ints, metavar="SIZES",
+                   help="also time the annotation loop at these pool sizes, e.g. 200,2000: extraction per image, "
+                        "cache bytes per image, rescoring the pool from the cache after a new head, peak RSS "
+                        "(chest-xray recipe, fresh head)")
+    p.add_argument("--pool-data", help="LViT folder of the pool (default ../shared/data/covid-qu-ex/Train_Folder)")
+    p.add_argument("--cache-bits", type=int, choices=[8, 16], default=_default("train", "cache_bits"),
+                   help="bits per cached feature value for --pool (default: %(default)s)")
+    p.add_argument("--compact", type=_ints, metavar="COUNTS", help="compact channels per block for --pool")
     p.add_argument("--adm", action="store_true",
                    help="also time the full ADM-256 layout (random weights, the paper's blocks) in windows/s against "
                         "the device's physical limit (~1 min on a 2-core CPU; meant for GPUs)")
