@@ -177,5 +177,7 @@ def test_the_pool_benchmark_measures_extraction_cache_size_and_head_only_rescori
     assert small["images"] == 1 and large["images"] == 3
     assert small["cache_mb_per_image"] > 0 and large["rescore_pool_s"] > 0 and large["peak_rss_gb"] > 0
     assert "pool of 3: extraction" in table(result)
-    with pytest.raises(RuntimeError, match="fewer than the pool size 100"):
+    with pytest.raises(ValueError, match="pool sizes must be 1..3"):
         bench_pool(lvit_folder, [100], str(recipe))
+    with pytest.raises(RuntimeError, match="pool of 1: ValueError: no recipe"):  # a child's error reaches the caller
+        bench_pool(lvit_folder, [1], str(tmp_path / "missing.toml"))

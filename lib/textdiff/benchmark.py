@@ -370,6 +370,9 @@ def bench_pool(folder: Path, sizes: list[int], recipe_name: str = "chest-xray", 
     """The annotation loop's pool work at each pool size: backbone extraction per image, cache bytes per image, and
     rescoring the whole pool from the cache after a new head (a fresh head of the recipe: timing needs no trained
     weights). Each size runs in its own process, so peak RSS is that size's."""
+    available = len(read_lvit(folder, require_masks=False))
+    if not sizes or min(sizes) < 1 or max(sizes) > available:
+        raise ValueError(f"pool sizes must be 1..{available} ({folder} holds {available} images), got {sizes}")
     context = mp.get_context("spawn")
     out = {"pool_recipe": recipe_name, "pool_cache_bits": bits, "pool_compact": compact, "pool": {}}
     for size in sizes:
@@ -397,8 +400,6 @@ def _pool_measure(folder: str, size: int, recipe_name: str, bits: int, compact) 
     from .train import FeatureCache, fit_projection
 
     samples = read_lvit(folder, require_masks=False)[:size]
-    if len(samples) < size:
-        raise ValueError(f"{folder} holds {len(samples)} images, fewer than the pool size {size}")
     model = TextDiffModel.build(ModelConfig(**recipes.load(recipe_name)["model"], compact=compact), seed=0)
     if compact:
         fit_projection(model, samples)
