@@ -507,7 +507,7 @@ def click_lines(runs: dict) -> list[str]:
              "`textdiff evaluate --clicks 0,1,3,5`: each click is placed, as an annotator would, inside the largest",
              "wrong region of the current label map (foreground click on a missed part, background click on a false",
              "one); only the head runs again. The plain column is the head without clicks trained on the same labels.",
-             "", "| run | plain head | " + " | ".join(f"{k} clicks" for k in CLICK_COUNTS) + " |",
+             "", "| run | plain head | " + " | ".join(f"{k} click" + "s" * (k != 1) for k in CLICK_COUNTS) + " |",
              "|---|---|" + "---|" * len(CLICK_COUNTS)]
     for name in names:
         dataset, _, n = ablation_parts(name)
