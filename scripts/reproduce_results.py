@@ -158,8 +158,8 @@ ABLATION_POINT = {"monuseg": 24, "covid": 300}  # the curve point every ablation
 # point than the ablation point is named <dataset>-ablation-<suffix>-n<labels>
 BACKBONE_TABLE_POINTS = {"monuseg": (24,), "covid": (300, 1500)}
 CLICK_COUNTS = [0, 1, 3, 5]  # simulated corrective clicks per image the click runs are evaluated after
-COMPACT = [64, 64, 48, 48]  # channels kept per MoNuSeg block: 8-bit, 2.0 MB per 256x256 window (16-bit, all: 16.5)
-COMPACT_WIDE = [128, 128, 96, 96]  # 8-bit, 3.8 MB per window
+COMPACT = [64, 64, 48, 48]  # channels kept per MoNuSeg block: 8-bit, 2.1 MB per 256x256 window (16-bit, all: 17.3)
+COMPACT_WIDE = [128, 128, 96, 96]  # 8-bit, 4.0 MB per window
 IMAGE_PATH = [16, 32, 64, 128, 256]  # the trainable image path's widths (the U-Net baseline's)
 EMA_LAST = {"ema": 0.99, "select": "last"}  # the moving average of the head, kept at the end: no selection on Val
 VAL_SELECTED = {"ema": 0.0, "select": "best", "train_steps": 1080}  # monuseg's former recipe: best of 20 epochs
@@ -341,6 +341,8 @@ def plan(only: str | None, seeds=SEEDS):
               {"clicks": True, "click_counts": CLICK_COUNTS}),
              (ablation_name("covid", "clicks", 100), run_textdiff, ("covid", 100, 0),
               {"clicks": True, "click_counts": CLICK_COUNTS})]
+    runs.append(("monuseg-ablation-cache-8-bit", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
+                 {"train_kw": {"cache_bits": 8}}))
     runs.append(("monuseg-ablation-compact-wide", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
                  {"compact": COMPACT_WIDE, "train_kw": {"cache_bits": 8}}))
     for seed in SEEDS:  # compact features (a fixed projection per block, 8-bit cache) against the curve's seeds
@@ -483,9 +485,10 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
     "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
     "clicks": "a head that also reads clicks (trained on simulated corrective clicks), evaluated without clicks",
-    "compact-wide": "compact features: 128, 128, 96, 96 channels per block, 8-bit cache: 3.8 MB per 256x256 window",
-    "compact": "compact features: 64, 64, 48, 48 channels per block (fixed projection), 8-bit cache: 2.0 MB per "
-               "256x256 window instead of 16.5"}
+    "cache-8-bit": "feature cache of bytes with a scale and offset per channel and tile: 8.9 MB per 256x256 window",
+    "compact-wide": "compact features: 128, 128, 96, 96 channels per block, 8-bit cache: 4.0 MB per 256x256 window",
+    "compact": "compact features: 64, 64, 48, 48 channels per block (fixed projection), 8-bit cache: 2.1 MB per "
+               "256x256 window instead of 17.3"}
 
 
 def ablation_rows(runs: dict) -> list[str]:
