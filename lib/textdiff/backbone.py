@@ -280,9 +280,10 @@ class DiffusionFeatures(nn.Module):
             module = self.units[b][1]
             register = module.register_forward_pre_hook if before_upsampling else module.register_forward_hook
             handles.append(register(hook))
-        if priority.yielding():  # a background pass gives way to requests between the UNet's blocks (~0.1 s each)
+        if priority.yielding():  # a background pass gives way to requests before each ResNet block, attention and
+            # resampler of the UNet (a whole up block took ~0.7 s in fp32 on a 2-core CPU: that long a request waited)
             handles += [unit.register_forward_pre_hook(lambda *_: priority.yield_point())
-                        for unit in (*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks)]
+                        for unit in self.unet.modules() if type(unit).__name__ in YIELD_BEFORE]
         fast_token = FAST_PATH.set(self.fast_path)
         try:
             with _autocast(device, resolve_precision(self.precision, device)):
@@ -304,6 +305,9 @@ class DiffusionFeatures(nn.Module):
         if self.include_image:
             out.append(x)
         return out
+
+
+YIELD_BEFORE = {"ResnetBlock2D", "FrozenResnetBlock2D", "Attention", "Downsample2D", "Upsample2D"}
 
 
 def weights_digest(unet):

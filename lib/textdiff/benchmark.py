@@ -31,7 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image as PILImage
 
 from .backbone import DiffusionFeatures, naive_features, resolve_precision
 from .data import Sample, read_image, read_lvit
@@ -296,8 +298,10 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5, background_images
         studies = Path(tmp) / "studies"
         studies.mkdir()
         shutil.copy(tile, studies / "tile.png")
-        for index in range(background_images):  # a pool for the background scoring to work through
-            shutil.copy(tile, studies / f"pool_{index:03d}.png")
+        pixels = np.array(PILImage.open(tile).convert("RGB"))
+        for index in range(background_images):  # a pool for the background scoring to work through: each copy
+            pixels[0, 0, 0] = index % 256  # differs in a pixel, so the feature cache cannot answer for the others
+            PILImage.fromarray(pixels).save(studies / f"pool_{index:03d}.png")
         settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(app_dir), str(studies)
         settings.MONAI_LABEL_APP_CONF = {"model": model_dir, "model_dir": str(Path(tmp) / "published")}
         # MONAI Label's background processes read the app from the environment, as `start_server` sets it

@@ -193,6 +193,7 @@ class FeatureCache:
             entry = self._extract(image, variant)
             if self.cache_dir:
                 try:
+                    priority.yield_point()  # writing ~100 MB competes with a request too
                     self._save_disk(key, *entry)
                     entry = self._load_disk(key) or entry  # mapped: RAM holds only the pages in use
                     self.memory[key] = entry
@@ -387,6 +388,7 @@ def cached_probabilities(model: TextDiffModel, image: CachedImage, head: torch.n
     tokens, mask = model.text_tokens([image.tiles[0].report])
     with torch.inference_mode():
         for tile, (i, j) in zip(image.tiles, image.starts):
+            priority.yield_point()  # background scoring gives way to requests between tiles
             th, tw = tile.mask.shape
             feats = [f[None].to(model.device) for f in tile.features]
             box = torch.tensor([window_box((i, j), (th, tw), (h, w))])
