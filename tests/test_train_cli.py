@@ -677,3 +677,15 @@ def test_compact_projection_fits_shrinks_the_cache_saves_and_predicts_the_same_a
     again = TextDiffModel.build(dataclasses.replace(config, feature_channels=None, weights=None), "cpu", seed=0)
     with pytest.raises(ValueError, match="never fitted"):
         again.save(tmp_path / "unfitted")
+
+
+def test_a_one_pass_reader_holds_no_entries(tiny_model, lvit_folder, tmp_path):
+    samples = read_lvit(lvit_folder)
+    cache = FeatureCache(tiny_model, tmp_path / "cache")
+    for sample in samples:
+        cache.get(sample, labeled=False, keep=False)  # extracted and written
+    extracted = cache.extractions
+    for sample in samples:
+        cache.get(sample, labeled=False, keep=False)  # read back from the folder
+    assert not cache.memory and cache.extractions == extracted > 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == len(samples)

@@ -63,7 +63,8 @@ def score_pool(model: TextDiffModel, samples: list[Sample], cache: FeatureCache,
     rank, world = distributed.current()
     scores = {}
     for sample in tqdm(samples[rank::world], desc="score", unit="img", disable=not progress or rank != 0):
-        scores[sample.name] = round(mean_entropy(cached_probabilities(model, cache.get(sample, labeled=False))), 6)
+        image = cache.get(sample, labeled=False, keep=False)  # one pass: no entry held per image
+        scores[sample.name] = round(mean_entropy(cached_probabilities(model, image)), 6)
     if world > 1:
         parts: list[dict | None] = [None] * world
         torch.distributed.all_gather_object(parts, scores)

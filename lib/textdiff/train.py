@@ -129,6 +129,17 @@ class CachedImage:
     variant: tuple[int, bool] = (0, False)  # how the image was turned/flipped before extraction
 
 
+def backbone_tiles(model: TextDiffModel, pixels: np.ndarray, variant: int = 0):
+    """(tiles, their top-left corners, working size) of one image as the backbone sees it: prepared at the working
+    scale, turned/flipped by ``variant``, padded and cut into ``config.tile`` tiles."""
+    c = model.config
+    x = rotate_flip(model.prepare(pixels), *VARIANTS[variant])
+    scaled = tuple(x.shape[-2:])
+    padded, sides, starts = tile_layout(scaled, c.window, c.tile, model.features.multiple)
+    x = _pad_to(x, padded)
+    return [x[:, i:i + sides[0], j:j + sides[1]] for i, j in starts], starts, scaled
+
+
 def _pad_to(x: torch.Tensor, size_hw: tuple[int, int], value=0) -> torch.Tensor:
     h, w = x.shape[-2:]
     if (h, w) == tuple(size_hw):
@@ -176,10 +187,11 @@ class FeatureCache:
         digest.update(str(variant).encode())
         return digest.hexdigest()[:24]
 
-    def get(self, sample: Sample, variant: int = 0, labeled: bool = True) -> CachedImage:
+    def get(self, sample: Sample, variant: int = 0, labeled: bool = True, keep: bool = True) -> CachedImage:
         """Features of one image: extracted, or from memory or the cache folder. With a cache folder the features
         are memory-mapped from it, so a feature set larger than RAM trains from the OS page cache. Not ``labeled``:
-        the mask is not read (an all-background map stands in)."""
+        the mask is not read (an all-background map stands in). Not ``keep``: a one-pass reader (scoring a pool);
+        an extracted entry is not held in memory (its mapped pages would count in RSS and be spared by pruning)."""
         model, c = self.model, self.model.config
         image = read_image(sample.image)
         if image.is_volume:
@@ -196,11 +208,13 @@ class FeatureCache:
                     priority.yield_point()  # writing ~100 MB competes with a request too
                     self._save_disk(key, *entry)
                     entry = self._load_disk(key) or entry  # mapped: RAM holds only the pages in use
-                    self.memory[key] = entry
+                    if keep:
+                        self.memory[key] = entry  # before pruning, which spares what this cache holds
                     self.prune()
                 except Exception as error:  # a full disk costs the cache, never the training
                     warnings.warn(f"feature cache not written to {self.cache_dir} ({error}); continuing without it")
-        self.memory[key] = entry
+        if keep:
+            self.memory[key] = entry
         features, starts, scaled = entry
         turns, flip = VARIANTS[variant]
         y = rotate_flip(preprocess.prepare_mask(truth, c.scale), turns, flip)[0]
@@ -211,13 +225,8 @@ class FeatureCache:
         return CachedImage(sample.name, tiles, starts, scaled, truth, VARIANTS[variant])
 
     def _extract(self, image, variant: int):
-        model, c = self.model, self.model.config
-        turns, flip = VARIANTS[variant]
-        x = rotate_flip(model.prepare(image.array), turns, flip)
-        scaled = tuple(x.shape[-2:])
-        padded, sides, starts = tile_layout(scaled, c.window, c.tile, model.features.multiple)
-        x = _pad_to(x, padded)
-        crops = [x[:, i:i + sides[0], j:j + sides[1]] for i, j in starts]
+        model = self.model
+        crops, starts, scaled = backbone_tiles(model, image.array, variant)
         features = []
         for b in range(0, len(crops), self.batch_size):
             batch = torch.stack(crops[b:b + self.batch_size]).to(model.device)
@@ -570,16 +579,12 @@ PROJECTION_IMAGES = 8  # training images whose backbone maps fit a compact proje
 def fit_projection(model: TextDiffModel, samples: list[Sample], seed: int = 0) -> None:
     """Fit ``model.projection`` on pixels sampled from the raw backbone maps of the first ``PROJECTION_IMAGES``
     images (one extra backbone pass over them; the projection is then fixed for the model's life)."""
-    c = model.config
     generator = torch.Generator().manual_seed(seed)
-    blocks = len(c.blocks)
+    blocks = len(model.config.blocks)
     pixels: list[list[torch.Tensor]] = [[] for _ in range(blocks)]
     for sample in samples[:PROJECTION_IMAGES]:
-        x = model.prepare(read_image(sample.image).array)
-        padded, sides, starts = tile_layout(tuple(x.shape[-2:]), c.window, c.tile, model.features.multiple)
-        x = _pad_to(x, padded)
-        crops = torch.stack([x[:, i:i + sides[0], j:j + sides[1]] for i, j in starts])
-        for batch in crops.split(4):
+        crops, _, _ = backbone_tiles(model, read_image(sample.image).array)
+        for batch in torch.stack(crops).split(4):
             for b, block_pixels in enumerate(sample_pixels(model.features(batch.to(model.device)), blocks, generator)):
                 pixels[b].append(block_pixels)
     model.projection.fit([torch.cat(p) for p in pixels])

@@ -74,7 +74,7 @@ class EntropyScoring(ScoringMethod):
         if self._cache is None or self._cache.model is not model:
             bits = self.settings.recipe_section("train").get("cache_bits", TrainConfig.cache_bits)  # the trainer's
             self._cache = FeatureCache(model, self.settings.feature_cache_dir, bits=bits)
-        cached = self._cache.get(Sample(Path(path), None, report), labeled=False)
+        cached = self._cache.get(Sample(Path(path), None, report), labeled=False, keep=False)
         return mean_entropy(cached_probabilities(model, cached)), descriptor(cached)
 
 
