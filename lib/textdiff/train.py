@@ -388,23 +388,43 @@ def cached_probabilities(model: TextDiffModel, image: CachedImage, head: torch.n
     """(classes, h, w) probabilities at working scale from an image's cached features: only the head (``model.head``
     unless given) runs, on every whole tile, tiles stitched by averaging logits (what inference does, up to the
     blending weights)."""
+    return cached_probabilities_many(model, [image], head)[0]
+
+
+HEAD_BATCH = 8  # tiles per head call when scoring from cached features: a 256 px chest X-ray is one tile, and the
+# head's small maps run faster batched
+
+
+def cached_probabilities_many(model: TextDiffModel, images: list[CachedImage], head: torch.nn.Module | None = None,
+                              batch_size: int = HEAD_BATCH) -> list[torch.Tensor]:
+    """``cached_probabilities`` of several images, tiles of the same size run through the head together."""
     head = head or model.head
-    h, w = image.scaled_size
-    height = max(i + t.mask.shape[0] for t, (i, _) in zip(image.tiles, image.starts))
-    width = max(j + t.mask.shape[1] for t, (_, j) in zip(image.tiles, image.starts))
-    logits = torch.zeros(model.config.num_classes, height, width)
-    counts = torch.zeros(1, height, width)
-    tokens, mask = model.text_tokens([image.tiles[0].report])
+    logits, counts, jobs = [], [], []
+    for k, image in enumerate(images):
+        height = max(i + t.mask.shape[0] for t, (i, _) in zip(image.tiles, image.starts))
+        width = max(j + t.mask.shape[1] for t, (_, j) in zip(image.tiles, image.starts))
+        logits.append(torch.zeros(model.config.num_classes, height, width))
+        counts.append(torch.zeros(1, height, width))
+        jobs += [(k, tile, start) for tile, start in zip(image.tiles, image.starts)]
+    by_size: dict[tuple, list] = {}
+    for job in jobs:
+        by_size.setdefault(tuple(job[1].mask.shape), []).append(job)
     with torch.inference_mode():
-        for tile, (i, j) in zip(image.tiles, image.starts):
-            priority.yield_point()  # background scoring gives way to requests between tiles
-            th, tw = tile.mask.shape
-            feats = [f[None].to(model.device) for f in tile.features]
-            box = torch.tensor([window_box((i, j), (th, tw), (h, w))])
-            logits[:, i:i + th, j:j + tw] += model.head_logits(feats, tokens, mask, size=(th, tw), box=box,
-                                                               variants=[image.variant], head=head)[0].cpu()
-            counts[:, i:i + th, j:j + tw] += 1
-    return torch.softmax(logits / counts.clamp(min=1), 0)[:, :h, :w]
+        for (th, tw), same in by_size.items():
+            for first in range(0, len(same), batch_size):
+                priority.yield_point()  # background scoring gives way to requests between head calls
+                chunk = same[first:first + batch_size]
+                feats = [torch.cat([tile.features[b][None] for _, tile, _ in chunk]).to(model.device)
+                         for b in range(len(chunk[0][1].features))]
+                tokens, mask = model.text_tokens([tile.report for _, tile, _ in chunk])
+                box = torch.tensor([window_box(start, (th, tw), images[k].scaled_size) for k, _, start in chunk])
+                out = model.head_logits(feats, tokens, mask, size=(th, tw), box=box,
+                                        variants=[images[k].variant for k, _, _ in chunk], head=head).cpu()
+                for (k, _, (i, j)), tile_logits in zip(chunk, out):
+                    logits[k][:, i:i + th, j:j + tw] += tile_logits
+                    counts[k][:, i:i + th, j:j + tw] += 1
+    return [torch.softmax(x / n.clamp(min=1), 0)[:, :h, :w]
+            for x, n, (h, w) in zip(logits, counts, (image.scaled_size for image in images))]
 
 
 def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None) -> dict:

@@ -3,6 +3,7 @@ space) and the strategies that use it."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from textdiff.campaign import choose, descriptor, mean_entropy
 from textdiff.data import Sample
 from textdiff.model import FeaturePool, TextDiffModel
-from textdiff.train import FeatureCache, TrainConfig, cached_probabilities
+from textdiff.train import HEAD_BATCH, FeatureCache, TrainConfig, cached_probabilities_many
 
 from ..model_store import ModelStore
 from ..settings import AppSettings
@@ -34,7 +35,11 @@ def project(vector: torch.Tensor) -> list[float]:
 
 class EntropyScoring(ScoringMethod):
     """Per unlabeled image: mean normalised entropy of the class probabilities; only images not yet scored
-    for the current model file are computed."""
+    for the current model file are computed. Scores reach the datastore in batches: after the first batch (the
+    strategies can answer with the most uncertain image so far) and then every ``SAVE_EVERY_S`` seconds, since each
+    write of the index rewrites all of it."""
+
+    SAVE_EVERY_S = 2.0
 
     def __init__(self, store: ModelStore, settings: AppSettings):
         super().__init__("Uncertainty: mean entropy of TextDiff's predicted probabilities")
@@ -44,38 +49,64 @@ class EntropyScoring(ScoringMethod):
 
     def __call__(self, request, datastore):
         version = self.store.version()
-        scored, skipped, failed = 0, 0, []
-        for image_id in datastore.get_unlabeled_images():
-            info = datastore.get_image_info(image_id)
-            if info.get(VERSION_KEY) == version:
-                skipped += 1
-                continue
-            try:
-                entropy, vector = self.score(self.store.current(), datastore, image_id)
-            except Exception as error:  # one bad image must not stop scoring of the others
-                logger.warning(f"scoring {image_id} failed: {error}")
-                failed.append(image_id)
-                continue
-            datastore.update_image_info(image_id, {SCORE_KEY: round(entropy, 6), VERSION_KEY: version,
-                                                   FEATURES_KEY: project(vector)})
-            scored += 1
+        model = self.store.current()
+        unlabeled = datastore.get_unlabeled_images()
+        todo = [i for i in unlabeled if datastore.get_image_info(i).get(VERSION_KEY) != version]
+        skipped = len(unlabeled) - len(todo)
+        scored, failed, pending, saved_at = 0, [], {}, None
+        for first in range(0, len(todo), HEAD_BATCH):
+            for image_id, result in self.score_many(model, datastore, todo[first:first + HEAD_BATCH]).items():
+                if isinstance(result, Exception):  # one bad image must not stop scoring of the others
+                    logger.warning(f"scoring {image_id} failed: {result}")
+                    failed.append(image_id)
+                    continue
+                entropy, vector = result
+                pending[image_id] = {SCORE_KEY: round(entropy, 6), VERSION_KEY: version, FEATURES_KEY: project(vector)}
+            if pending and (saved_at is None or time.monotonic() - saved_at >= self.SAVE_EVERY_S
+                            or first + HEAD_BATCH >= len(todo)):
+                save_infos(datastore, pending)
+                scored += len(pending)
+                pending, saved_at = {}, time.monotonic()
         return {"scored": scored, "skipped": skipped, "failed": failed, "model": version}
 
-    def score(self, model: TextDiffModel, datastore, image_id: str) -> tuple[float, torch.Tensor]:
-        """(mean entropy, pooled frozen features) of one image. A 2D image's features come from the feature cache
-        the trainer also uses (beside model_dir): after a new head of the same backbone and blocks, rescoring runs
-        the head alone."""
-        path = datastore.get_image_uri(image_id)
-        image = load_image(path, self.settings.max_image_pixels)  # size checked before any work
-        report = stored_report(datastore, image_id)
-        if image.is_volume:
-            pooled = FeaturePool()
-            return mean_entropy(model.predict_image_proba(image, report, pooled=pooled)), pooled.vector()
+    def score_many(self, model: TextDiffModel, datastore, image_ids: list[str]) -> dict:
+        """image id -> (mean entropy, pooled frozen features), or the exception that image raised. A 2D image's
+        features come from the feature cache the trainer also uses (beside model_dir): after a new head of the same
+        backbone and blocks, rescoring runs the head alone, on several images at once."""
+        results, flat = {}, {}
+        for image_id in image_ids:
+            try:
+                path = datastore.get_image_uri(image_id)
+                image = load_image(path, self.settings.max_image_pixels)  # size checked before any work
+                report = stored_report(datastore, image_id)
+                if image.is_volume:
+                    pooled = FeaturePool()
+                    results[image_id] = (mean_entropy(model.predict_image_proba(image, report, pooled=pooled)),
+                                         pooled.vector())
+                else:
+                    flat[image_id] = self._feature_cache(model).get(Sample(Path(path), None, report), labeled=False,
+                                                                    keep=False)
+            except Exception as error:
+                results[image_id] = error
+        if flat:
+            for (image_id, cached), probs in zip(flat.items(), cached_probabilities_many(model, list(flat.values()))):
+                results[image_id] = (mean_entropy(probs), descriptor(cached))
+        return results
+
+    def _feature_cache(self, model: TextDiffModel) -> FeatureCache:
         if self._cache is None or self._cache.model is not model:
             bits = self.settings.recipe_section("train").get("cache_bits", TrainConfig.cache_bits)  # the trainer's
             self._cache = FeatureCache(model, self.settings.feature_cache_dir, bits=bits)
-        cached = self._cache.get(Sample(Path(path), None, report), labeled=False, keep=False)
-        return mean_entropy(cached_probabilities(model, cached)), descriptor(cached)
+        return self._cache
+
+
+def save_infos(datastore, infos: dict[str, dict]) -> None:
+    """Several images' info in one write of the index where the datastore can (the app's own), else one by one."""
+    if hasattr(datastore, "update_images_info"):
+        datastore.update_images_info(infos)
+    else:
+        for image_id, info in infos.items():
+            datastore.update_image_info(image_id, info)
 
 
 class MostUncertain(Strategy):
