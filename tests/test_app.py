@@ -170,6 +170,19 @@ def test_test_time_variants_setting_reaches_the_served_model(tiny_model, tmp_pat
     assert ModelStore(settings.replace(test_time_variants=None)).current().config.test_time_variants == 1
 
 
+def test_the_feature_cache_setting_bounds_the_disk_of_training_and_scoring(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    from lib.activelearning.uncertainty import EntropyScoring
+    from lib.settings import AppSettings
+    from lib.trainers.textdiff import TextDiffTrain
+
+    with pytest.raises(ValueError, match="feature_cache_gb must be in"):
+        AppSettings.from_conf({"feature_cache_gb": "0"}, tmp_path)
+    settings = AppSettings.from_conf({"feature_cache_gb": "0.5"}, tmp_path)
+    assert EntropyScoring(None, settings)._feature_cache(tiny_model).max_bytes == 2**29
+    assert TextDiffTrain(None, settings, lambda: None).train_config({}).cache_max_gb == 0.5
+
+
 def test_heads_trained_in_the_app_follow_the_initial_models_recipe(tiny_unet_dir, tiny_encoder_dir, tmp_path,
                                                                     monkeypatch):
     """New heads use the initial model's backbone and recipe, unless --conf names others."""

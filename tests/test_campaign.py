@@ -194,6 +194,7 @@ def test_the_pool_benchmark_measures_extraction_cache_size_and_head_only_rescori
     small, large = result["pool"]["1"], result["pool"]["3"]
     assert small["images"] == 1 and large["images"] == 3
     assert small["cache_mb_per_image"] > 0 and large["rescore_pool_s"] > 0 and large["peak_rss_gb"] > 0
+    assert 0 < large["rescore_first_batch_s"]
     assert "pool of 3: extraction" in table(result)
     with pytest.raises(ValueError, match="pool sizes must be 1..3"):
         bench_pool(lvit_folder, [100], str(recipe))

@@ -401,7 +401,7 @@ def _pool_child(folder: str, size: int, recipe_name: str, bits: int, compact, qu
 def _pool_measure(folder: str, size: int, recipe_name: str, bits: int, compact) -> dict:
     from . import recipes
     from .campaign import score_pool
-    from .train import FeatureCache, fit_projection
+    from .train import HEAD_BATCH, FeatureCache, fit_projection
 
     samples = read_lvit(folder, require_masks=False)[:size]
     model = TextDiffModel.build(ModelConfig(**recipes.load(recipe_name)["model"], compact=compact), seed=0)
@@ -415,11 +415,15 @@ def _pool_measure(folder: str, size: int, recipe_name: str, bits: int, compact) 
         fresh = TextDiffModel.build(model.config, seed=1)  # a new head of the same backbone maps: cache hits
         if compact:
             fresh.projection.load_state_dict(model.projection.state_dict())
+        start = time.perf_counter()  # the app saves the first batch's scores at once: the next sample can use them
+        score_pool(fresh, samples[:HEAD_BATCH], FeatureCache(fresh, cache_dir, bits=bits))
+        first_batch_s = time.perf_counter() - start
         start = time.perf_counter()
         score_pool(fresh, samples, FeatureCache(fresh, cache_dir, bits=bits))
         rescore_s = time.perf_counter() - start
     return {"images": size, "extract_and_score_s_per_image": extract_s / size,
-            "cache_mb_per_image": cache_bytes / size / 2**20, "rescore_pool_s": rescore_s,
+            "cache_mb_per_image": cache_bytes / size / 2**20, "rescore_first_batch_s": first_batch_s,
+            "rescore_pool_s": rescore_s,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -482,7 +486,8 @@ def table(result: dict) -> str:
     for size, measured in result.get("pool", {}).items():
         lines.append(f"pool of {size}: extraction {measured['extract_and_score_s_per_image']:.2f} s/image, cache "
                      f"{measured['cache_mb_per_image']:.1f} MB/image, rescoring after a new head "
-                     f"{measured['rescore_pool_s']:.1f} s, peak RSS {measured['peak_rss_gb']:.2f} GB")
+                     f"{measured['rescore_pool_s']:.1f} s (its first batch {measured['rescore_first_batch_s']:.2f} s), "
+                     f"peak RSS {measured['peak_rss_gb']:.2f} GB")
     for label, key, fmt, goal in rows:
         if key is None:
             pair = {"s per": ("extract_naive_s_per_window", "extract_fast_s_per_window", "{:.2f}"),

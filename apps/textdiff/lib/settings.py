@@ -12,6 +12,7 @@ from textdiff import recipes
 from textdiff.data import MAX_PIXELS
 from textdiff.model import DEFAULT_HEAD, MAX_WINDOWS, check_test_time_variants
 from textdiff.priority import RequestGate
+from textdiff.train import DEFAULT_CACHE_MAX_GB
 
 
 def _bool(text: str) -> bool:
@@ -55,6 +56,8 @@ class AppSettings:
     background_nice: int = 19  # niceness of training/scoring processes: the annotator's requests go first
     background_yield: bool = True  # training/scoring pause between backbone batches and steps while a request runs
     click_memory_mb: int = 1024  # backbone maps kept for click rounds on recently answered images
+    feature_cache_gb: float = DEFAULT_CACHE_MAX_GB  # disk for the datastore images' frozen features (training and
+    # scoring share them; the least recently used files go first)
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
     max_image_pixels: int = MAX_PIXELS
@@ -74,7 +77,8 @@ class AppSettings:
         "labels": ("labels", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
         "device": ("device", str), "epochs": ("epochs", int), "scale": ("scale", float),
         "recipe": ("recipe", _recipe), "unlabeled": ("unlabeled", int), "clicks": ("clicks", _bool),
-        "click_memory_mb": ("click_memory_mb", int), "background_nice": ("background_nice", int),
+        "click_memory_mb": ("click_memory_mb", int), "feature_cache_gb": ("feature_cache_gb", float),
+        "background_nice": ("background_nice", int),
         "background_yield": ("background_yield", _bool),
         "subpixel": ("subpixel", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
@@ -104,6 +108,8 @@ class AppSettings:
                     "click_memory_mb"):
             if getattr(settings, key) is not None and getattr(settings, key) < 1:
                 raise ValueError(f"--conf {key} must be >= 1")
+        if not 0 < settings.feature_cache_gb <= 100_000:
+            raise ValueError("--conf feature_cache_gb must be in (0, 100000]")
         if not 0 <= settings.unlabeled <= 100_000:
             raise ValueError("--conf unlabeled must be in 0..100000")
         if not 0 <= settings.background_nice <= 19:

@@ -96,7 +96,8 @@ class EntropyScoring(ScoringMethod):
     def _feature_cache(self, model: TextDiffModel) -> FeatureCache:
         if self._cache is None or self._cache.model is not model:
             bits = self.settings.recipe_section("train").get("cache_bits", TrainConfig.cache_bits)  # the trainer's
-            self._cache = FeatureCache(model, self.settings.feature_cache_dir, bits=bits)
+            self._cache = FeatureCache(model, self.settings.feature_cache_dir, bits=bits,
+                                       max_gb=self.settings.feature_cache_gb)
         return self._cache
 
 

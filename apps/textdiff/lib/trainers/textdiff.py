@@ -47,7 +47,7 @@ class TextDiffTrain(TrainTask):
         return TrainConfig(**recipe | dict(
             lr=bounded(request, "learning_rate", recipe.get("lr", TrainConfig.lr), float, 1e-7, 1.0),
             seed=bounded(request, "seed", 0, int, 0, 2**31 - 1),
-            cache_dir=str(self.settings.feature_cache_dir)))
+            cache_dir=str(self.settings.feature_cache_dir), cache_max_gb=self.settings.feature_cache_gb))
 
     def new_model_config(self) -> ModelConfig:
         """The initial model's configuration (backbone, blocks, steps, window, scale), the [model] fields of
