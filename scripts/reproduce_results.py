@@ -341,10 +341,11 @@ def plan(only: str | None, seeds=SEEDS):
              ("monuseg-ablation-image-path-3000-steps", run_textdiff, at,
               {"image_path": IMAGE_PATH, "train_kw": {"train_steps": 3000}})]
     # interactive correction: a head that reads clicks, evaluated after 0-5 simulated corrective clicks per image
-    runs += [("monuseg-ablation-clicks", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
-              {"clicks": True, "click_counts": CLICK_COUNTS}),
-             (ablation_name("covid", "clicks", 100), run_textdiff, ("covid", 100, 0),
-              {"clicks": True, "click_counts": CLICK_COUNTS})]
+    for dataset, n in (("monuseg", ABLATION_POINT["monuseg"]), ("covid", 100)):
+        runs += [(ablation_name(dataset, "clicks-plain", n), run_textdiff, (dataset, n, 0),
+                  {"click_counts": CLICK_COUNTS}),
+                 (ablation_name(dataset, "clicks", n), run_textdiff, (dataset, n, 0),
+                  {"clicks": True, "click_counts": CLICK_COUNTS})]
     # several structures in one label map: lung and infection (class-index masks), against the binary model
     runs.append((ablation_name("covid", "two-class", 100), run_textdiff, ("covid", 100, 0),
                  {"masks": "labelcol_lung_infection", "labels": {"background": 0, "lung": 1, "lesion": 2}}))
@@ -492,6 +493,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
     "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
     "two-class": "lung and infection in one label map (`--masks labelcol_lung_infection`): mean Dice of the two",
+    "clicks-plain": "the recipe's head (evaluated without clicks; with clicks: docs/results.md's clicks table)",
     "clicks": "a head that also reads clicks (trained on simulated corrective clicks), evaluated without clicks",
     "cache-8-bit": "feature cache of bytes with a scale and offset per channel and tile: 8.9 MB per 256x256 window",
     "compact-wide": "compact features: 128, 128, 96, 96 channels per block, 8-bit cache: 4.0 MB per 256x256 window",
@@ -513,11 +515,14 @@ def ablation_rows(runs: dict) -> list[str]:
 
 def click_lines(runs: dict) -> list[str]:
     """Dice after 0, 1, 3, 5 simulated corrective clicks per image, beside the plain head of the same labels."""
-    names = [name for name, *_ in plan("") if name.endswith(("-ablation-clicks", "-ablation-clicks-n100"))]
+    names = [name for name, *_ in plan("") if re.search(r"-ablation-clicks(-plain)?(-n100)?$", name)]
     lines = ["", "## Clicks and text together", "",
              "`textdiff evaluate --clicks 0,1,3,5`: each click is placed, as an annotator would, inside the largest",
              "wrong region of the current label map (foreground click on a missed part, background click on a false",
-             "one); only the head runs again. The plain column is the head without clicks trained on the same labels.",
+             "one); only the head runs again, and the clicked pixel's region (the connected pixels the model holds no",
+             "surer of their class than the clicked one) takes the click's class. `clicks-plain`: the recipe's head;",
+             "`clicks`: a head that also reads the clicks (`--clicks`). The plain column is the recipe's head",
+             "without clicks on the same labels.",
              "", "| run | plain head | " + " | ".join(f"{k} click" + "s" * (k != 1) for k in CLICK_COUNTS) + " |",
              "|---|---|" + "---|" * len(CLICK_COUNTS)]
     for name in names:

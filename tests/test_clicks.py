@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from textdiff.cli import main
-from textdiff.clicks import MAX_CLICKS, Click, click_maps, corrective_click, parse_clicks, training_clicks
+from textdiff.clicks import (
+    MAX_CLICKS,
+    Click,
+    click_maps,
+    correct_regions,
+    corrective_click,
+    parse_clicks,
+    training_clicks,
+)
 from textdiff.data import read_image, read_lvit
 
 
@@ -20,6 +28,26 @@ def test_click_maps_are_disks_of_their_class_at_working_scale():
     half = click_maps([Click(10, 20, 1)], (20, 25), 2, radius=1, scale=0.5)  # native (10, 20) -> working (4.75, 9.75)
     assert half[1, 5, 10] == 1 and half[1, 10, 20] == 0
     assert click_maps([], (4, 4), 3, radius=1).sum() == 0
+
+
+def test_a_click_turns_the_region_the_model_doubts_as_much_as_the_clicked_pixel():
+    lesion = torch.zeros(60, 60)
+    lesion[5:25, 5:25] = 0.9  # a sure region
+    lesion[25:35, 5:25] = 0.6  # its doubtful fringe, predicted too
+    lesion[40:50, 40:50] = 0.4  # a missed region the model leans towards
+    lesion[40:50, 52:56] = 0.2  # beside it, less lesion-like (touching: the region must stop at the threshold)
+    lesion[40:50, 50:52] = 0.35
+    probs = torch.stack([1 - lesion, lesion])
+    label = (lesion > 0.5).numpy().astype(np.uint8)
+    fringe_out = correct_regions(label, probs, [Click(30, 15, 0)], radius=2)  # background click on the fringe
+    assert (fringe_out[25:35, 5:25] == 0).all() and (fringe_out[5:25, 5:25] == 1).all()  # the sure part stays
+    grown = correct_regions(label, probs, [Click(45, 45, 1)], radius=2)  # foreground click in the missed region
+    assert (grown[40:50, 40:50] == 1).all() and (grown[40:50, 50:] == 0).all() and grown.sum() == label.sum() + 100
+    sure = correct_regions(label, probs, [Click(2, 58, 1)], radius=2)  # on background the model is sure of:
+    assert sure.sum() - label.sum() == int((click_maps([Click(2, 58, 1)], (60, 60), 2, 2)[1] > 0).sum())  # a disk
+    assert (correct_regions(label, probs, [Click(10, 10, 1)], radius=2) == label).all()  # already right
+    both = correct_regions(label, probs, [Click(30, 15, 0), Click(45, 45, 1)], radius=2)  # in turn
+    assert (both[25:35, 5:25] == 0).all() and (both[40:50, 40:50] == 1).all()
 
 
 def test_corrective_clicks_go_inside_the_largest_error_with_the_true_class():
@@ -95,15 +123,17 @@ def test_a_click_model_trains_on_its_errors_and_answers_clicks_running_only_the_
     assert click_model.memory is None  # evaluation's kept features are dropped after it
 
 
-def test_a_model_without_clicks_refuses_them(tiny_model, lvit_folder):
+def test_a_model_without_clicks_takes_them_as_regions(tiny_model, lvit_folder):
     from textdiff.evaluate import evaluate
 
     samples = read_lvit(lvit_folder)
-    with pytest.raises(ValueError, match="not trained with clicks"):
-        tiny_model.predict(read_image(samples[0].image), clicks=[Click(1, 1, 1)])
-    with pytest.raises(ValueError, match="not trained with clicks"):
-        evaluate(tiny_model, samples, progress=False, clicks=[1])
-    assert evaluate(tiny_model, samples[:1], progress=False, clicks=[0])["dice_by_clicks"][0] >= 0
+    image = read_image(samples[0].image)
+    plain = tiny_model.predict(image, "x")
+    clicked = tiny_model.predict(image, "x", clicks=[Click(1, 1, 1 - int(plain[1, 1]))])
+    assert clicked[1, 1] != plain[1, 1] and (clicked != plain).sum() >= 1
+    result = evaluate(tiny_model, samples, progress=False, clicks=[0, 1, 3])
+    assert result["dice_by_clicks"][0] == pytest.approx(result["dice"], abs=1e-4)
+    assert result["dice_by_clicks"][3] >= result["dice_by_clicks"][0]  # a click never leaves its pixel wrong
 
 
 def test_cli_trains_with_clicks_replays_a_clicks_file_and_scores_click_counts(lvit_folder, tiny_unet_dir,

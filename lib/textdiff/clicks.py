@@ -1,6 +1,8 @@
-"""Annotator clicks as head inputs: each click says "this pixel is class k"; a model trained with clicks reads one
-disk map per class beside the clean image. Training places clicks on the head's own errors (as DeepEdit trains),
-evaluation places them where a careful annotator would: inside the largest error region, at its most interior pixel.
+"""Annotator clicks: each click says "this pixel is class k". Every model turns a click into a region: the pixels
+connected to it that the model holds no surer of their current class than the clicked one take class k
+(``correct_regions``). A model trained with clicks also reads them: one disk map per class beside the clean image.
+Training places clicks on the head's own errors (as DeepEdit trains), evaluation places them where a careful
+annotator would: inside the largest error region, at its most interior pixel.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from scipy import ndimage
 
 MAX_CLICKS = 200  # per request or file: more is not an annotator's correction
+MAX_REGION = 0.1  # of the image: a click on a pixel the model is sure of would otherwise take over everything as
+# sure; such a click changes a disk of the model's click radius instead
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,29 @@ def click_maps(clicks: list[Click], shape_hw: tuple[int, int], num_classes: int,
         maps[click.label] = torch.maximum(maps[click.label],
                                           (((rows - cy) ** 2 + (cols - cx) ** 2) <= radius ** 2).float())
     return maps
+
+
+def correct_regions(label: np.ndarray, probs: torch.Tensor, clicks: list[Click], radius: float) -> np.ndarray:
+    """The label map (H, W) after each click in turn: the clicked pixel's region, i.e. the pixels connected to it,
+    of its current class c, whose probability of c is at most the clicked pixel's, takes the click's class (a
+    false region the model doubts as much goes whole; a missed region grows as far as the model leans the click's
+    way). ``probs`` (classes, H, W) at the label map's size; ``radius`` (pixels) of the disk a click changes when
+    its region would exceed ``MAX_REGION`` of the image."""
+    label = label.copy()
+    probs = probs.numpy() if isinstance(probs, torch.Tensor) else probs
+    rows, cols = np.ogrid[: label.shape[0], : label.shape[1]]
+    for click in clicks:
+        y, x = min(int(round(click.y)), label.shape[0] - 1), min(int(round(click.x)), label.shape[1] - 1)
+        current = int(label[y, x])
+        if current == click.label:
+            continue
+        doubted = (label == current) & (probs[current] <= probs[current, y, x])
+        regions, _ = ndimage.label(doubted)
+        region = regions == regions[y, x]
+        if region.sum() > MAX_REGION * label.size:
+            region = (label == current) & ((rows - y) ** 2 + (cols - x) ** 2 <= radius ** 2)
+        label[region] = click.label
+    return label
 
 
 def corrective_click(prediction: np.ndarray, truth: np.ndarray) -> Click | None:

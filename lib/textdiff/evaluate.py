@@ -24,8 +24,6 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
     if by_clicks:
         if any(count < 0 for count in by_clicks):
             raise ValueError("click counts must be >= 0")
-        if max(by_clicks) and not model.config.clicks:
-            raise ValueError("this model was not trained with clicks (train it with --clicks)")
         kept = model.memory
         model.keep_features(256)  # the image's windows: each click round runs only the head
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress):

@@ -330,12 +330,10 @@ class TextDiffModel(torch.nn.Module):
         """Class probabilities (classes, H, W) of one 2D plane at its native size: the whole working image in one
         forward when it fits ``config.tile``, else overlapping tiles blended with Gaussian weights; averaged over
         ``config.test_time_variants`` flips/rotations of the image. ``pooled`` collects the frozen features' channel
-        sums on the way (no extra backbone pass). ``clicks``: ``Click``s in the plane's pixels (a model with
-        clicks; see textdiff.clicks)."""
+        sums on the way (no extra backbone pass). ``clicks``: ``Click``s in the plane's pixels, which a head trained
+        with clicks reads (others ignore them here; ``predict`` turns them into regions)."""
         x = self.prepare(plane, value_range)[None].to(self.device)
-        if clicks:
-            if not self.config.clicks:
-                raise ValueError("this model was not trained with clicks (train it with --clicks)")
+        if clicks and self.config.clicks:
             from .clicks import click_maps
 
             maps = click_maps(clicks, tuple(x.shape[-2:]), self.config.num_classes, self.config.click_radius,
@@ -392,9 +390,16 @@ class TextDiffModel(torch.nn.Module):
                             for z in (progress(slices) if progress else slices)], dim=1)
 
     def predict(self, image: Image, report: str | None = None, progress=None, clicks=None) -> np.ndarray:
-        """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice)."""
+        """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice). ``clicks``
+        (2D): the regions they point at take their classes (``textdiff.clicks.correct_regions``)."""
         probs = self.predict_image_proba(image, report, progress, clicks=clicks)
-        return preprocess.label_map(probs).numpy().astype(np.uint8)
+        label = preprocess.label_map(probs).numpy().astype(np.uint8)
+        if clicks:
+            from .clicks import correct_regions
+
+            # the click radius is in working pixels; the label map is at the image's size
+            label = correct_regions(label, probs, clicks, self.config.click_radius / self.config.scale)
+        return label
 
 
 class FeatureMemory:

@@ -106,8 +106,6 @@ class TextDiffInteractive(TextDiffInfer):
                   for point in _points(data.get(name), name)]
         if points and image.is_volume:
             raise bad_request("clicks are taken on 2D images")
-        if points and not model.config.clicks:
-            raise bad_request("the served model was not trained with clicks (--conf clicks true, then train)")
         try:
             data["_clicks"] = parse_clicks(points, model.config.labels, image.size_hw)
         except ValueError as error:
