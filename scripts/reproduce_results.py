@@ -31,6 +31,7 @@ import fetch_text_encoder  # noqa: E402  (a sibling script)
 
 SEEDS = (0, 1, 2)
 FEATURE_CACHE = ROOT / "runs" / "feature-cache"
+WORK = ROOT / "runs" / "work"  # runs that keep their model (and resume when stopped) train here
 TRAIN_STATES = ROOT / "runs" / "train-states"  # per TextDiff run: its model and training state until the run is done
 # The feature cache keeps a run's features for the next runs (and for a run that was stopped, which goes on from its
 # last epoch's training state in TRAIN_STATES without extracting them anew). The 1500-label COVID-QU-Ex points
@@ -343,7 +344,7 @@ def plan(only: str | None, seeds=SEEDS):
     # interactive correction: a head that reads clicks, evaluated after 0-5 simulated corrective clicks per image
     for dataset, n in (("monuseg", ABLATION_POINT["monuseg"]), ("covid", 100)):
         runs += [(ablation_name(dataset, "clicks-plain", n), run_textdiff, (dataset, n, 0),
-                  {"click_counts": CLICK_COUNTS}),
+                  {"click_counts": CLICK_COUNTS, "work_dir": str(WORK / ablation_name(dataset, "clicks-plain", n))}),
                  (ablation_name(dataset, "clicks", n), run_textdiff, (dataset, n, 0),
                   {"clicks": True, "click_counts": CLICK_COUNTS})]
     # several structures in one label map: lung and infection (class-index masks), against the binary model

@@ -46,6 +46,11 @@ def test_a_click_turns_the_region_the_model_doubts_as_much_as_the_clicked_pixel(
     sure = correct_regions(label, probs, [Click(2, 58, 1)], radius=2)  # on background the model is sure of:
     assert sure.sum() - label.sum() == int((click_maps([Click(2, 58, 1)], (60, 60), 2, 2)[1] > 0).sum())  # a disk
     assert (correct_regions(label, probs, [Click(10, 10, 1)], radius=2) == label).all()  # already right
+    clump = np.zeros((60, 60), np.uint8)
+    clump[10:13, :] = 1  # a thin false strip joined to everything along it (nuclei in a clump)
+    strip = torch.stack([torch.tensor(1.0 - clump), torch.tensor(clump * 0.8)])
+    cut = correct_regions(clump, strip, [Click(11, 30, 0)], radius=2)  # depth 2: reach 8 pixels either side
+    assert (cut[10:13, 23:38] == 0).all() and (cut[10:13, :20] == 1).all() and (cut[10:13, 40:] == 1).all()
     both = correct_regions(label, probs, [Click(30, 15, 0), Click(45, 45, 1)], radius=2)  # in turn
     assert (both[25:35, 5:25] == 0).all() and (both[40:50, 40:50] == 1).all()
 

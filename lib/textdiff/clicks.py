@@ -18,6 +18,9 @@ from scipy import ndimage
 MAX_CLICKS = 200  # per request or file: more is not an annotator's correction
 MAX_REGION = 0.1  # of the image: a click on a pixel the model is sure of would otherwise take over everything as
 # sure; such a click changes a disk of the model's click radius instead
+REACH = 4.0  # a click's region ends this many times the click's depth inside it away from the click: touching
+# objects (nuclei in a clump) are not taken with the one clicked. MoNuSeg Val, the monuseg recipe's head, Dice
+# after 5 clicks (0.7817 without): reach 2: 0.7832, 4: 0.7844, 8: 0.7835, no limit: 0.7810
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,11 @@ def click_maps(clicks: list[Click], shape_hw: tuple[int, int], num_classes: int,
 
 def correct_regions(label: np.ndarray, probs: torch.Tensor, clicks: list[Click], radius: float) -> np.ndarray:
     """The label map (H, W) after each click in turn: the clicked pixel's region, i.e. the pixels connected to it,
-    of its current class c, whose probability of c is at most the clicked pixel's, takes the click's class (a
-    false region the model doubts as much goes whole; a missed region grows as far as the model leans the click's
-    way). ``probs`` (classes, H, W) at the label map's size; ``radius`` (pixels) of the disk a click changes when
-    its region would exceed ``MAX_REGION`` of the image."""
+    of its current class c, whose probability of c is at most the clicked pixel's, within ``REACH`` times the
+    click's depth in that set, takes the click's class (a false region the model doubts as much goes whole; a
+    missed region grows as far as the model leans the click's way). ``probs`` (classes, H, W) at the label map's
+    size; ``radius`` (pixels): the least depth, and the disk a click changes when its region would exceed
+    ``MAX_REGION`` of the image."""
     label = label.copy()
     probs = probs.numpy() if isinstance(probs, torch.Tensor) else probs
     rows, cols = np.ogrid[: label.shape[0], : label.shape[1]]
@@ -61,6 +65,8 @@ def correct_regions(label: np.ndarray, probs: torch.Tensor, clicks: list[Click],
         doubted = (label == current) & (probs[current] <= probs[current, y, x])
         regions, _ = ndimage.label(doubted)
         region = regions == regions[y, x]
+        depth = max(float(ndimage.distance_transform_edt(region)[y, x]), radius)
+        region &= (rows - y) ** 2 + (cols - x) ** 2 <= (REACH * depth) ** 2
         if region.sum() > MAX_REGION * label.size:
             region = (label == current) & ((rows - y) ** 2 + (cols - x) ** 2 <= radius ** 2)
         label[region] = click.label
