@@ -280,6 +280,9 @@ def test_clicks_and_report_correct_a_label_the_way_slicer_sends_them(click_clien
     clicks = {"foreground": [[40, 40, 0]], "background": [[5, 5]], "report": "dense nuclei"}
     regions = interactive(**clicks)  # the initial model reads no clicks: they become regions of its label
     assert regions.status_code == 200, regions.text
+    (client.tmp / "regions.png").write_bytes(regions.content)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(client.tmp / "regions.png")))
+    assert label[40, 40] == 1 and label[5, 5] == 0  # each clicked pixel has its click's class
     assert interactive(report="x").status_code == 200  # without clicks it is the plain task
     assert client.post("/train/textdiff?run_sync=true", json={"max_epochs": 1}).status_code == 200
     answered = interactive(**clicks)
