@@ -31,7 +31,6 @@ import fetch_text_encoder  # noqa: E402  (a sibling script)
 
 SEEDS = (0, 1, 2)
 FEATURE_CACHE = ROOT / "runs" / "feature-cache"
-WORK = ROOT / "runs" / "work"  # runs that keep their model (and resume when stopped) train here
 TRAIN_STATES = ROOT / "runs" / "train-states"  # per TextDiff run: its model and training state until the run is done
 # The feature cache keeps a run's features for the next runs (and for a run that was stopped, which goes on from its
 # last epoch's training state in TRAIN_STATES without extracting them anew). The 1500-label COVID-QU-Ex points
@@ -344,7 +343,7 @@ def plan(only: str | None, seeds=SEEDS):
     # interactive correction: a head that reads clicks, evaluated after 0-5 simulated corrective clicks per image
     for dataset, n in (("monuseg", ABLATION_POINT["monuseg"]), ("covid", 100)):
         runs += [(ablation_name(dataset, "clicks-plain", n), run_textdiff, (dataset, n, 0),
-                  {"click_counts": CLICK_COUNTS, "work_dir": str(WORK / ablation_name(dataset, "clicks-plain", n))}),
+                  {"click_counts": CLICK_COUNTS}),
                  (ablation_name(dataset, "clicks", n), run_textdiff, (dataset, n, 0),
                   {"clicks": True, "click_counts": CLICK_COUNTS})]
     # several structures in one label map: lung and infection (class-index masks), against the binary model
@@ -494,7 +493,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
     "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
     "two-class": "lung and infection in one label map (`--masks labelcol_lung_infection`): mean Dice of the two",
-    "clicks-plain": "the recipe's head (evaluated without clicks; with clicks: docs/results.md's clicks table)",
+    "clicks-plain": "the recipe's head (its Dice after clicks: the clicks table)",
     "clicks": "a head that also reads clicks (trained on simulated corrective clicks), evaluated without clicks",
     "cache-8-bit": "feature cache of bytes with a scale and offset per channel and tile: 8.9 MB per 256x256 window",
     "compact-wide": "compact features: 128, 128, 96, 96 channels per block, 8-bit cache: 4.0 MB per 256x256 window",
@@ -546,7 +545,8 @@ def structure_lines(runs: dict) -> list[str]:
     return ["", "## Several structures in one label map", "",
             "`textdiff train --recipe chest-xray --labels lung,lesion --masks labelcol_lung_infection` on 100",
             "COVID-QU-Ex images (seed 0), evaluated per class on the last 200 of Train (`textdiff evaluate --json`).",
-            "", "| run | lung Dice | infection Dice | infection Dice, binary model of the same labels |",
+            "", "| run | lung Dice (class 1: lung not infected) | infection Dice "
+            "| infection Dice, binary model of the same labels |",
             "|---|---|---|---|",
             f"| {name} | {cells[0]} | {cells[1]} | {binary['dice']:.4f} |" if binary else
             f"| {name} | {cells[0]} | {cells[1]} | not run yet |"]

@@ -92,7 +92,8 @@ def test_feature_cache_limit_reaches_every_run_and_bad_limits_are_refused(tmp_pa
 
     monkeypatch.setattr(textdiff.train, "train", record_limit)
     monkeypatch.setattr(textdiff.model.TextDiffModel, "build", classmethod(lambda cls, config, seed=None: None))
-    monkeypatch.setattr(script, "splits", lambda dataset: ([SimpleNamespace(name=f"x{i}") for i in range(40)], []))
+    monkeypatch.setattr(script, "splits", lambda dataset, masks="labelcol": (
+        [SimpleNamespace(name=f"x{i}") for i in range(40)], []))
     monkeypatch.setattr(script, "OUT", tmp_path)
     monkeypatch.setattr(script, "TRAIN_STATES", tmp_path / "train-states")
     monkeypatch.setattr(script, "plan", lambda only, seeds=script.SEEDS: [
