@@ -383,6 +383,22 @@ def test_scores_reach_the_index_in_one_write_per_batch(client, monkeypatch):
     assert all(0 <= store.get_image_info(i)["textdiff_uncertainty"] <= 1 for i in ("case_1", "case_2"))
 
 
+def test_an_image_the_head_cannot_score_costs_the_others_of_its_batch_nothing(client, monkeypatch):
+    import lib.activelearning.uncertainty as uncertainty
+
+    batched = uncertainty.cached_probabilities_many
+
+    def refuse_case_2(model, images, *args, **kwargs):
+        if any(image.name.startswith("case_2") for image in images):
+            raise RuntimeError("cannot score this one")
+        return batched(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(uncertainty, "cached_probabilities_many", refuse_case_2)
+    scored = client.post("/scoring/textdiff_uncertainty?run_sync=true")
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["scored"] == 1 and scored.json()["failed"] == ["case_2"]
+
+
 def test_rescoring_after_a_new_head_runs_only_the_head(client, monkeypatch):
     """Scoring keeps each unlabeled image's frozen features in the cache the trainer uses: once a new head is
     published, the whole pool is scored again without a backbone pass."""

@@ -65,8 +65,10 @@ def correct_regions(label: np.ndarray, probs: torch.Tensor, clicks: list[Click],
         doubted = (label == current) & (probs[current] <= probs[current, y, x])
         regions, _ = ndimage.label(doubted)
         region = regions == regions[y, x]
-        depth = max(float(ndimage.distance_transform_edt(region)[y, x]), radius)
-        region &= (rows - y) ** 2 + (cols - x) ** 2 <= (REACH * depth) ** 2
+        ys, xs = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+        top, left = max(ys[0] - 1, 0), max(xs[0] - 1, 0)  # the depth needs only the region's box and its rim
+        depth = ndimage.distance_transform_edt(region[top:ys[-1] + 2, left:xs[-1] + 2])[y - top, x - left]
+        region &= (rows - y) ** 2 + (cols - x) ** 2 <= (REACH * max(float(depth), radius)) ** 2
         if region.sum() > MAX_REGION * label.size:
             region = (label == current) & ((rows - y) ** 2 + (cols - x) ** 2 <= radius ** 2)
         label[region] = click.label

@@ -17,7 +17,8 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
     """Per-image Dice / IoU (mean over the foreground classes) and their means over the images; ``per_class``:
     each foreground class's mean over the images, by label name. ``clicks`` (counts, e.g. [0, 1, 3]): also
     ``dice_by_clicks``, the mean Dice after that many simulated corrective clicks per image (see
-    ``textdiff.clicks.corrective_click``); the backbone runs once per image, the clicks rerun only the head."""
+    ``textdiff.clicks.corrective_click``); the backbone runs once per image, the clicks rerun only a head that reads
+    them."""
     names = [name for name, index in sorted(model.config.labels.items(), key=lambda item: item[1]) if index]
     per_image, per_class = {}, {name: {"dice": [], "iou": []} for name in names}
     by_clicks: dict[int, list[float]] = {count: [] for count in sorted(set(clicks or []))}
@@ -30,7 +31,8 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
         image = read_image(sample.image)
         truth = read_mask(sample.mask, model.config.num_classes)
         report = sample.report if use_reports else None
-        label = model.predict(image, report)
+        probs = model.predict_image_proba(image, report)
+        label = model.label_from(probs)
         dices, ious = dice_iou_per_class(label, truth, model.config.num_classes)
         dice, iou = float(np.mean(dices)), float(np.mean(ious))
         per_image[sample.name] = {"dice": round(dice, 4), "iou": round(iou, 4)}
@@ -43,7 +45,9 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
                 click = corrective_click(corrected, truth) if count else None
                 if click is not None:
                     placed.append(click)
-                    corrected = model.predict(image, report, clicks=placed)
+                    # a head that reads clicks answers anew; any other one's probabilities stay as they were
+                    clicked = model.predict_image_proba(image, report, clicks=placed) if model.config.clicks else probs
+                    corrected = model.label_from(clicked, placed)
                 if count in by_clicks:
                     by_clicks[count].append(float(np.mean(dice_iou_per_class(corrected, truth,
                                                                              model.config.num_classes)[0])))

@@ -392,7 +392,10 @@ class TextDiffModel(torch.nn.Module):
     def predict(self, image: Image, report: str | None = None, progress=None, clicks=None) -> np.ndarray:
         """Label map of the image's exact size: (H, W) for 2D, (D, H, W) for volumes (slice by slice). ``clicks``
         (2D): the regions they point at take their classes (``textdiff.clicks.correct_regions``)."""
-        probs = self.predict_image_proba(image, report, progress, clicks=clicks)
+        return self.label_from(self.predict_image_proba(image, report, progress, clicks=clicks), clicks)
+
+    def label_from(self, probs: torch.Tensor, clicks=None) -> np.ndarray:
+        """The label map of probabilities, the clicks' regions in their classes (``textdiff.clicks``)."""
         label = preprocess.label_map(probs).numpy().astype(np.uint8)
         if clicks:
             from .clicks import correct_regions

@@ -88,9 +88,16 @@ class EntropyScoring(ScoringMethod):
                                                                     keep=False)
             except Exception as error:
                 results[image_id] = error
-        if flat:
-            for (image_id, cached), probs in zip(flat.items(), cached_probabilities_many(model, list(flat.values()))):
+        try:
+            together = cached_probabilities_many(model, list(flat.values())) if flat else []
+        except Exception:  # one image the head cannot take must not cost the others their scores
+            together = None
+        for n, (image_id, cached) in enumerate(flat.items()):
+            try:
+                probs = together[n] if together is not None else cached_probabilities_many(model, [cached])[0]
                 results[image_id] = (mean_entropy(probs), descriptor(cached))
+            except Exception as error:
+                results[image_id] = error
         return results
 
     def _feature_cache(self, model: TextDiffModel) -> FeatureCache:
