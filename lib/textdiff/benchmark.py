@@ -12,7 +12,7 @@
   slower; it is counted in the total as it ran, as the reference loop's warm-up step is left out). The ratio over the
   measured epochs alone is reported too.
 - infer: median wall time of REST ``POST /infer`` of one 1000x1000 H&E tile on a warm in-process server, and of a
-  click round on the same tile (``textdiff_interactive``, a head that reads clicks) after the first.
+  click round on the same tile (``textdiff_interactive``, the served model) after the first.
 - adm (only when asked, ``--adm``): 256x256 windows per second of the engine's extraction on the full ADM-256
   layout (the paper's backbone, random weights built from the converter's config: no checkpoint needed) with the
   paper's MoNuSeg blocks, against the physical limit: the device's peak bf16/fp16 rate over 3 x 2.24 TFLOP per
@@ -20,7 +20,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing as mp
 import platform
@@ -344,12 +343,9 @@ def bench_infer(model_dir: str, tile: Path, requests: int = 5, background_images
                 if not running:
                     raise RuntimeError("the background scoring ended before the busy requests did: measure with "
                                        "a larger pool")
-            # a head of the same recipe that reads clicks, published where the app serves trained heads from: the
-            # first click round computes the tile's backbone maps, the next ones reuse them (timing needs no
-            # trained weights)
+            # the served model takes clicks as regions: the first click round computes the tile's backbone maps,
+            # the next ones reuse them
             config = ModelConfig.from_dict(json.loads((resolve_model_dir(model_dir) / CONFIG_NAME).read_text()))
-            config = dataclasses.replace(config, clicks=True, feature_channels=None, weights=None)
-            TextDiffModel.build(config, seed=0).save(Path(tmp) / "published")
             label = next(name for name, index in config.labels.items() if index)
             height, width = read_image(tile).size_hw
             clicked = []
