@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from textdiff.cli import main
-from textdiff.data import read_image, read_lvit
+from textdiff.data import read_image, read_lvit, read_mask
+from textdiff.metrics import dice_iou
+from textdiff.model import TextDiffModel
 from textdiff.preprocess import grid_starts, tile_layout
 from textdiff.train import FeatureCache, TrainConfig, train
 
@@ -351,6 +353,20 @@ def test_several_structures_train_and_evaluate_per_class(lvit_folder, tiny_unet_
     assert np.mean([c["dice"] for c in result["per_class"].values()]) == pytest.approx(result["dice"], abs=1e-3)
     assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--masks", "labelcol_two"]) == 0
     assert "class edge" in capsys.readouterr().out
+    # a union of classes scored as one structure: the same Dice as the binary masks score on the union
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--masks", "labelcol_two",
+                 "--region", "both=cell+edge", "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)["per_region"]["both"]
+    model = TextDiffModel.load(model_dir)
+    expected = []
+    for sample in read_lvit(lvit_folder, masks="labelcol_two"):
+        label = model.predict(read_image(sample.image), sample.report)
+        truth = read_mask(sample.mask, 3)
+        expected.append(dice_iou(label > 0, truth > 0)[0])
+    assert both["dice"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert main(["evaluate", "--data", str(lvit_folder), "--model", str(model_dir), "--masks", "labelcol_two",
+                 "--region", "x=cell+nucleus"]) == 2
+    assert "'nucleus'" in capsys.readouterr().err
     # a 3-class mask for a binary model is refused with its values, and mask folders are names, not paths
     binary_dir = tmp_path / "binary"
     assert main(["train", "--data", str(lvit_folder), "--out", str(binary_dir), "--masks", "labelcol_two",

@@ -43,6 +43,14 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.replace(",", " ").split()]
 
 
+def _region(text: str) -> tuple[str, list[str]]:
+    name, _, members = text.partition("=")
+    classes = [v.strip() for v in members.split("+") if v.strip()]
+    if not name.strip() or not classes:
+        raise argparse.ArgumentTypeError(f"expected NAME=CLASS+CLASS, got {text!r}")
+    return name.strip(), classes
+
+
 def _names(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or len(set(names)) != len(names) or "background" in names:
@@ -256,7 +264,7 @@ def cmd_evaluate(args) -> int:
     if args.limit:
         samples = samples[-args.limit:]
     result = evaluate(_load(args), samples, args.overlays, use_reports=not args.ignore_reports,
-                      clicks=args.clicks)
+                      clicks=args.clicks, regions=dict(args.region or []))
     if args.json:
         print(json.dumps(result))
     else:
@@ -267,6 +275,8 @@ def cmd_evaluate(args) -> int:
         if len(result["per_class"]) > 1:
             for name, v in result["per_class"].items():
                 print(f"{'class ' + name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
+        for name, v in result.get("per_region", {}).items():
+            print(f"{'region ' + name:40s} Dice {v['dice']:.4f}  IoU {v['iou']:.4f}")
         print(f"{'mean over ' + str(result['n']) + ' images':40s} Dice {result['dice']:.4f}  IoU {result['iou']:.4f}")
     return 0
 
@@ -460,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-reports", action="store_true", help="run without the reports (no-text path)")
     p.add_argument("--clicks", type=_ints, metavar="COUNTS",
                    help="also score after simulated corrective clicks, e.g. 0,1,3,5: each click goes to the most "
-                        "interior pixel of the largest wrong region, with the true class there (a model trained "
-                        "with --clicks)")
+                        "interior pixel of the largest wrong region, with the true class there")
+    p.add_argument("--region", action="append", type=_region, metavar="NAME=A+B",
+                   help="also score a union of classes as one structure, e.g. lungs=lung+lesion (repeatable)")
     p.add_argument("--test-time-variants", type=int, metavar="K", help=TTA_HELP + " (default: the model's)")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)

@@ -13,12 +13,17 @@ from .model import TextDiffModel
 
 
 def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path | None = None,
-             progress: bool = True, use_reports: bool = True, clicks: list[int] | None = None) -> dict:
+             progress: bool = True, use_reports: bool = True, clicks: list[int] | None = None,
+             regions: dict[str, list[str]] | None = None) -> dict:
     """Per-image Dice / IoU (mean over the foreground classes) and their means over the images; ``per_class``:
     each foreground class's mean over the images, by label name. ``clicks`` (counts, e.g. [0, 1, 3]): also
     ``dice_by_clicks``, the mean Dice after that many simulated corrective clicks per image (see
     ``textdiff.clicks.corrective_click``); the backbone runs once per image, the clicks rerun only a head that reads
-    them."""
+    them. ``regions`` (name -> label names): also ``per_region``, the mean Dice / IoU of each union of classes, as
+    nested structures are scored (e.g. the whole lung field = uninfected lung + infection, as BraTS scores the
+    whole tumour)."""
+    region_classes = region_indices(model.config.labels, regions or {})
+    per_region = {name: {"dice": [], "iou": []} for name in region_classes}
     names = [name for name, index in sorted(model.config.labels.items(), key=lambda item: item[1]) if index]
     per_image, per_class = {}, {name: {"dice": [], "iou": []} for name in names}
     by_clicks: dict[int, list[float]] = {count: [] for count in sorted(set(clicks or []))}
@@ -39,6 +44,10 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
         for name, class_dice, class_iou in zip(names, dices, ious):
             per_class[name]["dice"].append(class_dice)
             per_class[name]["iou"].append(class_iou)
+        for name, indices in region_classes.items():
+            region_dice, region_iou = dice_iou_per_class(np.isin(label, indices), np.isin(truth, indices))
+            per_region[name]["dice"].append(region_dice[0])
+            per_region[name]["iou"].append(region_iou[0])
         if by_clicks:
             corrected, placed = label, []
             for count in range(max(by_clicks) + 1):
@@ -61,7 +70,22 @@ def evaluate(model: TextDiffModel, samples: list[Sample], overlays: str | Path |
             "n": len(per_image), "per_image": per_image,
             "per_class": {name: {metric: float(np.mean(values)) for metric, values in scores.items()}
                           for name, scores in per_class.items()},
+            **({"per_region": {name: {metric: float(np.mean(values)) for metric, values in scores.items()}
+                               for name, scores in per_region.items()}} if per_region else {}),
             **({"dice_by_clicks": {count: float(np.mean(v)) for count, v in by_clicks.items()}} if by_clicks else {})}
+
+
+def region_indices(labels: dict[str, int], regions: dict[str, list[str]]) -> dict[str, list[int]]:
+    """The class indices of each region; a name that is no foreground label of the model is refused."""
+    foreground = {name: index for name, index in labels.items() if index}
+    indices = {}
+    for region, members in regions.items():
+        unknown = [name for name in members if name not in foreground]
+        if unknown or not members:
+            raise ValueError(f"region {region!r}: {unknown or 'no classes'} not among the model's labels "
+                             f"{sorted(foreground)}")
+        indices[region] = sorted({foreground[name] for name in members})
+    return indices
 
 
 def save_overlay(pixels: np.ndarray, truth: np.ndarray, label: np.ndarray, path: Path, title: str,
