@@ -20,6 +20,7 @@ def test_info_lists_model_trainer_scoring_and_strategies(client):
     assert model["type"] == "segmentation" and "report" in model["config"]
     assert "textdiff" in info["trainers"]
     assert {"textdiff_uncertainty", "textdiff_diverse", "random", "first"} <= set(info["strategies"])
+    assert next(iter(info["strategies"])) == "random"  # Slicer's default: the campaigns' best (docs/campaigns.md)
     assert "textdiff_uncertainty" in info["scoring"]
 
 

@@ -34,8 +34,10 @@ class TextDiffConfig(TaskConfig):
         return TextDiffPretrain(self.settings)
 
     def strategy(self):
-        return {f"{self.name}_uncertainty": MostUncertain(), f"{self.name}_diverse": DiverseUncertain(),
-                "random": Random(), "first": First()}
+        # the first is Slicer's default: random picking led both uncertainty strategies in the simulated campaigns
+        # (docs/campaigns.md, `scripts/simulate_campaign.py`)
+        return {"random": Random(), f"{self.name}_uncertainty": MostUncertain(),
+                f"{self.name}_diverse": DiverseUncertain(), "first": First()}
 
     def scoring_method(self):
         return {f"{self.name}_uncertainty": EntropyScoring(self.store, self.settings)}
