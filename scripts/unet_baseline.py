@@ -78,13 +78,17 @@ def train_unet(train: list[Sample], scale: float, window: int = 256, steps: int 
 
 
 @torch.inference_mode()
+def unet_probabilities(net: UNet, image, scale: float, window: int = 256, channels: int = 3) -> torch.Tensor:
+    """Class probabilities (classes, H, W) at the image's own size, by the same sliding windows as TextDiff."""
+    x = preprocess.prepare(image.array, channels, scale)[None]
+    logits = sliding_window_inference(x, (window, window), 4, net, overlap=0.25, mode="gaussian")
+    return preprocess.resize_to(torch.softmax(logits[0].float(), 0), image.size_hw)
+
+
 def evaluate_unet(net: UNet, samples: list[Sample], scale: float, window: int = 256, channels: int = 3) -> dict:
     per_image = {}
     for sample in samples:
-        image = read_image(sample.image)
-        x = preprocess.prepare(image.array, channels, scale)[None]
-        logits = sliding_window_inference(x, (window, window), 4, net, overlap=0.25, mode="gaussian")
-        probs = preprocess.resize_to(torch.softmax(logits[0].float(), 0), image.size_hw)
+        probs = unet_probabilities(net, read_image(sample.image), scale, window, channels)
         dice, iou = dice_iou(probs.argmax(0).numpy(), read_mask(sample.mask))
         per_image[sample.name] = {"dice": dice, "iou": iou}
     return {"dice": float(np.mean([v["dice"] for v in per_image.values()])),
