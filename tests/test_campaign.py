@@ -135,14 +135,16 @@ def test_campaign_docs_say_how_many_labels_each_strategy_needs(tmp_path, monkeyp
     for strategy, dice in curves.items():
         for seed in (0, 1):
             rounds = [{"labels": n, "dice": d + 0.01 * seed} for n, d in zip((1, 2, 3), dice)]
-            (script.OUT / f"monuseg-{strategy}-s{seed}.json").write_text(json.dumps({"strategy": strategy,
-                                                                                     "rounds": rounds}))
+            record = {"strategy": strategy, "rounds": rounds, "wall_s": 60.0 * (seed + 1),
+                      "machine": {"device": "CPU X", "cores": 2, "precision": "fp32"}}
+            (script.OUT / f"monuseg-{strategy}-s{seed}.json").write_text(json.dumps(record))
     script.plots()
     page = (tmp_path / "docs" / "campaigns.md").read_text()
     assert "labels to reach random's 3-label Dice (0.7050)" in page
     assert "| entropy | 2 | 0.5550 | 0.7050 | 0.7250 | 2 (67% of random's) |" in page  # a short curve: every point
     assert "Highest mean Dice over the curve: `entropy` (0.6617;" in page
     assert "entropy reaches random's final Dice with at most 70% of its labels" in page
+    assert "One campaign takes 2 min on average (6 campaigns, 2-core CPU X (fp32))" in page
     assert "| diverse | 2 |" in page and "not reached |" in page
     assert (tmp_path / "docs" / "results" / "monuseg_campaign.png").is_file()
     assert "no finished random campaign yet" in page  # COVID-QU-Ex has none
