@@ -277,7 +277,6 @@ def run_late_ensemble(dataset: str, n: int, seed: int) -> dict:
     """The shipped model (the monuseg recipe on Train 24) with a U-Net trained on the same labels for the U-Net's
     fixed budget, no selection: their probabilities averaged (equal weights, nothing tuned on Val)."""
     import numpy as np
-    import torch
     from unet_baseline import train_unet, unet_probabilities
 
     from textdiff.data import read_image, read_mask
@@ -294,9 +293,9 @@ def run_late_ensemble(dataset: str, n: int, seed: int) -> dict:
     for sample in val:
         image, truth = read_image(sample.image), read_mask(sample.mask)
         unet = unet_probabilities(net, image, scale)
-        textdiff = torch.as_tensor(np.asarray(model.predict_image_proba(image, sample.report))).float()
+        textdiff = model.predict_image_proba(image, sample.report).float()
         for key, probs in (("ensemble", (unet + textdiff) / 2), ("unet", unet), ("textdiff", textdiff)):
-            scores[key].append(dice_iou(probs.argmax(0).numpy(), truth))
+            scores[key].append(dice_iou(model.label_from(probs), truth))
     means = {key: np.mean(values, axis=0) for key, values in scores.items()}
     return {"dice": float(means["ensemble"][0]), "iou": float(means["ensemble"][1]), "n_eval": len(val),
             "train_images": n, "unet_alone": float(means["unet"][0]), "textdiff_alone": float(means["textdiff"][0]),
