@@ -208,6 +208,7 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
         earlier_s = summary["wall_s"] - (time.time() - start)  # > 0: the training time of a stopped earlier part
         trained = TextDiffModel.load(out)
         result = evaluate(trained, val, progress=True, use_reports=use_text, clicks=click_counts, regions=regions)
+        head_alone = evaluate_head_alone(trained, val, use_text)
         if gallery and not gallery_is_current(dataset):  # overlays of a few evaluation images for docs/results.md
             folder = OUT / "gallery" / dataset
             for old in folder.glob("*.png"):
@@ -225,8 +226,23 @@ def run_textdiff(dataset: str, n: int, seed: int, use_text=True, backbone=None, 
                if click_counts else {}),
             **({"per_class": result["per_class"]} if len(result["per_class"]) > 1 else {}),
             **({"per_region": result["per_region"]} if regions else {}),
+            **({"head_alone": head_alone} if head_alone else {}),
             "recipe": recipe(dataset) | ({"ablation_backbone": backbone_digest(backbone)}
                                          if backbone != RESULTS_BACKBONE[dataset] else {})}
+
+
+def evaluate_head_alone(model, val, use_text: bool = True) -> dict | None:
+    """Dice / IoU of a model's head without its companion U-Net (None without one): what the companion adds."""
+    from textdiff.evaluate import evaluate
+
+    if model.companion is None:
+        return None
+    partner, model.companion = model.companion, None
+    try:
+        result = evaluate(model, val, progress=False, use_reports=use_text)
+    finally:
+        model.companion = partner
+    return {"dice": result["dice"], "iou": result["iou"]}
 
 
 def _resumable(model, work_dir: str, chosen, val, config) -> bool:
@@ -273,35 +289,6 @@ def run_unet(dataset: str, n: int, seed: int) -> dict:
             "wall_s": round(time.time() - start, 1)}
 
 
-def run_late_ensemble(dataset: str, n: int, seed: int) -> dict:
-    """The shipped model (the monuseg recipe on Train 24) with a U-Net trained on the same labels for the U-Net's
-    fixed budget, no selection: their probabilities averaged (equal weights, nothing tuned on Val)."""
-    import numpy as np
-    from unet_baseline import train_unet, unet_probabilities
-
-    from textdiff.data import read_image, read_mask
-    from textdiff.metrics import dice_iou
-    from textdiff.model import TextDiffModel
-
-    train_all, val = splits(dataset)
-    if dataset != "monuseg" or n != len(train_all):
-        raise ValueError("the shipped model was trained on all of MoNuSeg Train")
-    start, scale = time.time(), working_scale(dataset)
-    net = train_unet(train_all, scale, steps=unet_steps(dataset), seed=seed)
-    model = TextDiffModel.load("default")
-    scores = {"ensemble": [], "unet": [], "textdiff": []}
-    for sample in val:
-        image, truth = read_image(sample.image), read_mask(sample.mask)
-        unet = unet_probabilities(net, image, scale)
-        textdiff = model.predict_image_proba(image, sample.report).float()
-        for key, probs in (("ensemble", (unet + textdiff) / 2), ("unet", unet), ("textdiff", textdiff)):
-            scores[key].append(dice_iou(model.label_from(probs), truth))
-    means = {key: np.mean(values, axis=0) for key, values in scores.items()}
-    return {"dice": float(means["ensemble"][0]), "iou": float(means["ensemble"][1]), "n_eval": len(val),
-            "train_images": n, "unet_alone": float(means["unet"][0]), "textdiff_alone": float(means["textdiff"][0]),
-            "unet_steps": unet_steps(dataset), "wall_s": round(time.time() - start, 1), "recipe": recipe(dataset)}
-
-
 def record_model(name: str, model_dir: str) -> dict:
     """Evaluate an already trained model folder under a run name (e.g. the shipped default, trained by the same
     recipe as monuseg-curve-textdiff-n24-s0), keeping its training summary as provenance."""
@@ -314,7 +301,9 @@ def record_model(name: str, model_dir: str) -> dict:
     result = evaluate(model, val, progress=True, use_reports=model.config.use_text)
     training = resolve_model_dir(model_dir) / "training.json"
     summary = json.loads(training.read_text()) if training.is_file() else {}
+    head_alone = evaluate_head_alone(model, val, model.config.use_text)
     return {"dice": result["dice"], "iou": result["iou"], "n_eval": result["n"], "model": str(model_dir),
+            **({"head_alone": head_alone} if head_alone else {}),
             "train_images": summary.get("train_images"), "epochs": summary.get("epochs_run"),
             "best_epoch": summary.get("best", {}).get("epoch"), "wall_s": summary.get("wall_s"),
             "recipe": recipe(dataset) if follows_recipe(model.config, dataset) else {"name": "none"}}
@@ -382,7 +371,8 @@ def plan(only: str | None, seeds=SEEDS):
     runs.append((ablation_name("covid", "two-class", 100), run_textdiff, ("covid", 100, 0),
                  {"masks": "labelcol_lung_infection", "labels": {"background": 0, "lung": 1, "lesion": 2},
                   "regions": {"lung field": ["lung", "lesion"]}}))
-    runs.append((ablation_name("monuseg", "late-ensemble-unet", 24), run_late_ensemble, ("monuseg", 24, 0), {}))
+    for n in CURVES["monuseg"]:  # the recipe's companion U-Net against the head alone, at every curve point
+        runs.append((ablation_name("monuseg", "no-companion", n), run_textdiff, ("monuseg", n, 0), {"companion": None}))
     runs.append(("monuseg-ablation-cache-8-bit", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
                  {"train_kw": {"cache_bits": 8}}))
     runs.append(("monuseg-ablation-compact-wide", run_textdiff, ("monuseg", ABLATION_POINT["monuseg"], 0),
@@ -526,8 +516,7 @@ ABLATION_CHANGES = {  # suffix -> what the run changes against the recipe
     "blocks-0-2-4-5": "decoder blocks 0, 2, 4, 5 (the recipe: 0, 2)",
     "blocks-0-1-2-3-4-5": "decoder blocks 0-5: every unit down to half resolution (the recipe: 0, 2)",
     "text-dropout-0.1": "text dropout 0.1 instead of 0.5",
-    "late-ensemble-unet": "the shipped model's probabilities averaged with a U-Net's trained on the same labels "
-                          "(its fixed 3000 steps, no selection)",
+    "no-companion": "the head alone: no companion U-Net (`--companion 0`)",
     "two-class": "lung and infection in one label map (`--masks labelcol_lung_infection`): mean Dice of the two",
     "clicks-plain": "the recipe's head (its Dice after clicks: the clicks table)",
     "clicks": "a head that also reads clicks (trained on simulated corrective clicks), evaluated without clicks",
@@ -590,6 +579,29 @@ def structure_lines(runs: dict) -> list[str]:
             f"| {name} | " + " | ".join(cells) + " |"]
 
 
+def companion_lines(runs: dict) -> list[str]:
+    """The recipe's head alone, with its companion U-Net, and the U-Net trained alone, at each MoNuSeg curve point
+    (seed 0): the head alone is evaluated on the curve run's own model, or is its no-companion ablation."""
+    rows = []
+    for n in CURVES["monuseg"]:
+        run = runs.get(f"monuseg-curve-textdiff-n{n}-s0")
+        if not run or not recipe("monuseg")["model"].get("companion"):
+            continue
+        alone = run.get("head_alone") or runs.get(ablation_name("monuseg", "no-companion", n))
+        unet = runs.get(f"monuseg-curve-unet-n{n}-s0")
+        cells = [f"{alone['dice']:.4f}" if alone else "-", f"{run['dice']:.4f}",
+                 f"{run['dice'] - alone['dice']:+.4f}" if alone else "-", f"{unet['dice']:.4f}" if unet else "-"]
+        rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "## The companion U-Net", "",
+            "The `monuseg` recipe trains a plain U-Net on the same labels after the head (`--companion`, 3000 steps,",
+            "no selection) and averages the two models' probabilities. Seed 0, MoNuSeg Val; the U-Net trained alone",
+            "is the curves' baseline (its best of 10 checks on Val).", "",
+            "| labels | head alone | head + companion | companion's gain | U-Net alone |", "|---|---|---|---|---|",
+            *rows]
+
+
 def _curve_cell(entry: dict | None, earlier: dict | None) -> str:
     """A curve point's mean over seeds; until the current recipe has run it, the earlier recipe's, marked."""
     if not entry:
@@ -640,6 +652,7 @@ def write_markdown(runs: dict, summary: dict, stale: dict, earlier: dict | None 
         lines += ["", "## TextDiff minus U-Net, seed by seed", "",
                   "A seed picks the labeled images, the same for both methods, so each cell compares the two on the",
                   "same labels (Dice difference; '-' where one of them has no run for that seed yet).", "", *paired]
+    lines += companion_lines(runs)
     lines += click_lines(runs)
     lines += structure_lines(runs)
     lines += ["", "## Ablations (one seed)", "",
@@ -668,7 +681,8 @@ def write_markdown(runs: dict, summary: dict, stale: dict, earlier: dict | None 
               "whatever the number of labels, validation ~10 times per run, the best validation kept unless the run",
               "says `select last`. U-Net: MONAI UNet 16-256 channels at the recipe's working scale, "
               + " / ".join(f"{unet_steps(d)} ({NAMES[d]})" for d in CURVES) + " steps",
-              "of 4 windows, same augmentation, the best of 10 evaluations kept as for TextDiff. Each run's JSON in",
+              "of 4 windows, same augmentation, the best of 10 evaluations kept as for TextDiff (the `monuseg`",
+              "recipe's companion U-Net is the same training, its last weights kept). Each run's JSON in",
               "`docs/results/runs/` holds its epochs, best epoch, wall time, the machine and precision it ran on (a",
               "CPU without native bf16 runs in fp32, ~3x slower) and the recipe; a best epoch equal to the last one",
               "means the run was still improving. `*-ablation-text-mpnet`: the report encoder is all-mpnet-base-v2",
@@ -731,7 +745,8 @@ def main() -> int:
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
     if args.from_model:
         name, model_dir = args.from_model
-        (OUT / "runs" / f"{name}.json").write_text(json.dumps(record_model(name, model_dir), indent=1))
+        (OUT / "runs" / f"{name}.json").write_text(json.dumps(record_model(name, model_dir) | {"machine": machine()},
+                                                              indent=1))
     elif not args.plots:
         todo = [r for r in plan(args.only, args.seeds) if not done(r[0]) and (not args.run or r[0] in args.run)]
         for index, (name, fn, fn_args, kwargs) in enumerate(todo, 1):

@@ -221,6 +221,12 @@ def test_heads_trained_in_the_app_follow_the_initial_models_recipe(tiny_unet_dir
     assert not served.config.subpixel and served.config.scale != 0.25
     with pytest.raises(ValueError, match="subpixel 'maybe': expected true/false"):
         new_head(subpixel="maybe")
+    # a companion U-Net beside new heads: switched on (the engine's widths), and off again for a recipe that has one
+    assert served.config.companion is None and head.companion is None
+    served, head = new_head(companion="true")
+    assert head.config.companion == [16, 32, 64, 128, 256] and head.companion is not None
+    assert new_head(recipe="monuseg")[1].config.companion == [16, 32, 64, 128, 256]
+    assert new_head(recipe="monuseg", companion="false")[1].companion is None
     # a recipe asked for shapes the head and its training; the app's labels stay, and --conf still overrides
     recipe = tmp_path / "mine.toml"
     recipe.write_text('[model]\nscale = 0.5\nhead_dim = 8\nlabels = ["other"]\n[train]\ntrain_steps = 7\n')

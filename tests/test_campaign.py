@@ -86,7 +86,7 @@ def test_the_campaign_command_prints_dice_per_round(lvit_folder, tiny_unet_dir, 
     assert main(["campaign", "--pool", str(lvit_folder), "--holdout", str(holdout), "--out", str(tmp_path / "c"),
                  "--strategy", "entropy", "--start", "1", "--batch", "2", "--until", "3", "--train-steps", "1",
                  "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
-                 "--head-dim", "16"]) == 0
+                 "--head-dim", "16", "--companion-steps", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["strategy"] == "entropy" and [r["labels"] for r in printed["rounds"]] == [1, 3]
     assert (tmp_path / "c" / "feature-cache").is_dir()

@@ -143,7 +143,8 @@ def test_a_model_without_clicks_takes_them_as_regions(tiny_model, lvit_folder):
 
 def test_cli_trains_with_clicks_replays_a_clicks_file_and_scores_click_counts(lvit_folder, tiny_unet_dir,
                                                                               tiny_encoder_dir, tmp_path, capsys):
-    common = ["--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32"]
+    common = ["--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
+              "--companion-steps", "3"]
     model_dir = tmp_path / "model"
     assert main(["train", "--data", str(lvit_folder), "--out", str(model_dir), "--epochs", "1", "--head-dim", "16",
                  "--clicks", *common]) == 0

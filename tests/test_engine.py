@@ -642,6 +642,7 @@ def test_shipped_model_loads_with_its_own_backbone():
         model = TextDiffModel.load("default", "cpu")
     stored = json.loads((SHIPPED_MODEL / "config.json").read_text())
     assert model.config.backbone_fingerprint == stored["backbone_fingerprint"]
+    assert model.companion is not None and stored["companion"]  # the monuseg recipe's U-Net beside the head
     label = model.predict(read_image_array(np.zeros((64, 80, 3), np.uint8)))
     assert label.shape == (64, 80)
 

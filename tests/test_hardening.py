@@ -110,7 +110,8 @@ def test_training_killed_midway_leaves_published_model_intact(tiny_model, lvit_f
     expected = TextDiffModel.load(published, "cpu").predict_proba(image, "x")
     command = [sys.executable, "-m", "textdiff.cli", "train", "--data", str(lvit_folder), "--out", str(published),
                "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
-               "--head-dim", "16", "--epochs", "100000", "--cache-dir", str(tmp_path / "cache")]
+               "--head-dim", "16", "--epochs", "100000", "--cache-dir", str(tmp_path / "cache"),
+               "--companion-steps", "3"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "cache").glob("*.safetensors"))) < 3:

@@ -252,6 +252,18 @@ def test_the_goal_against_the_unet_is_worded_from_the_numbers():
     assert "**not met so far, with fewer than 3 seeds" in verdict(ours, below_at_3, seeds=1)
 
 
+def test_the_companion_table_pairs_the_head_alone_with_the_recipe_and_the_unet():
+    script = load_script()
+    runs = {"monuseg-curve-textdiff-n24-s0": {"dice": 0.80, "head_alone": {"dice": 0.78, "iou": 0.6}},
+            "monuseg-curve-unet-n24-s0": {"dice": 0.79},
+            "monuseg-curve-textdiff-n1-s0": {"dice": 0.70},  # made before head_alone was recorded: its ablation
+            "monuseg-ablation-no-companion-n1": {"dice": 0.71}}
+    lines = script.companion_lines(runs)
+    assert "| 24 | 0.7800 | 0.8000 | +0.0200 | 0.7900 |" in lines
+    assert "| 1 | 0.7100 | 0.7000 | -0.0100 | - |" in lines
+    assert not any(line.startswith("| 3 |") for line in lines)  # no run yet: no row
+
+
 def test_unet_baseline_trains_and_evaluates(lvit_folder):
     """The baseline once broke silently (renamed imports); it must at least run end to end."""
     import sys

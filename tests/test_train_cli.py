@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from textdiff.cli import main
 from textdiff.data import read_image, read_lvit, read_mask
@@ -340,7 +341,8 @@ def test_several_structures_train_and_evaluate_per_class(lvit_folder, tiny_unet_
         label[(label == 0) & np.roll(binary, 3, axis=1)] = 2
         PILImage.fromarray(label).save(two / mask.name)
     model_dir = tmp_path / "model"
-    common = ["--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32"]
+    common = ["--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
+              "--companion-steps", "3"]
     assert main(["train", "--data", str(lvit_folder), "--out", str(model_dir), "--masks", "labelcol_two",
                  "--labels", "cell,edge", "--epochs", "1", "--head-dim", "16", *common]) == 0
     assert json.loads((model_dir / "config.json").read_text())["labels"] == {"background": 0, "cell": 1, "edge": 2}
@@ -390,7 +392,7 @@ def test_cli_train_killed_then_resumed(lvit_folder, tiny_unet_dir, tiny_encoder_
     out = tmp_path / "model"
     command = ["train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(out), "--epochs", "60",
                "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
-               "--head-dim", "16", "--cache-dir", str(tmp_path / "cache")]
+               "--head-dim", "16", "--cache-dir", str(tmp_path / "cache"), "--companion-steps", "3"]
     process = subprocess.Popen([sys.executable, "-m", "textdiff.cli", *command], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=os.environ)
     deadline = time.time() + 120
@@ -461,17 +463,21 @@ def test_cli_train_evaluate_infer(lvit_folder, tiny_unet_dir, tiny_encoder_dir, 
     model_dir = tmp_path / "model"
     common = ["--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32"]
     assert main(["train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(model_dir),
-                 "--epochs", "2", "--head-dim", "16", *common]) == 0
+                 "--epochs", "2", "--head-dim", "16", "--companion-steps", "3", *common]) == 0
+    # the default recipe trains a companion U-Net; the line says so and gives the Dice of the two together
+    assert "companion U-Net of 3 steps, val Dice" in capsys.readouterr().err
     config = json.loads((model_dir / "config.json").read_text())
+    assert config["companion"] == [16, 32, 64, 128, 256]
     assert config["backbone"] == str(tiny_unet_dir) and config["blocks"] and config["steps"] == [50, 150, 250]
     assert (model_dir / config["weights"]).is_file()
     assert config["position"] is True  # the default: report attention knows where each token lies
     plain_dir = tmp_path / "no-position"
     assert main(["train", "--data", str(lvit_folder), "--out", str(plain_dir), "--epochs", "1", "--head-dim", "16",
-                 "--no-position", "--test-time-variants", "2", "--subpixel", *common]) == 0
+                 "--no-position", "--test-time-variants", "2", "--subpixel", "--companion", "0", *common]) == 0
     from textdiff.model import TextDiffModel
 
     plain = TextDiffModel.load(plain_dir)
+    assert plain.companion is None and plain.config.companion is None
     assert plain.config.position is False and plain.config.test_time_variants == 2
     assert all(getattr(m, "position", None) is None for m in plain.head.fuse_text)
     assert config["subpixel"] is False and plain.config.subpixel is True and plain.head.subpixel
@@ -529,7 +535,7 @@ def test_cli_train_under_torchrun_with_two_cpu_processes(lvit_folder, tiny_unet_
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "textdiff.cli", "train", "--data", str(lvit_folder), "--val", str(lvit_folder), "--out", str(out),
                "--backbone", str(tiny_unet_dir), "--text-encoder", str(tiny_encoder_dir), "--window", "32",
-               "--head-dim", "16", "--epochs", "2"]
+               "--head-dim", "16", "--companion-steps", "3", "--epochs", "2"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "training.json").read_text())
@@ -705,3 +711,66 @@ def test_a_one_pass_reader_holds_no_entries(tiny_model, lvit_folder, tmp_path):
         cache.get(sample, labeled=False, keep=False)  # read back from the folder
     assert not cache.memory and cache.extractions == extracted > 0
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == len(samples)
+
+
+def test_a_companion_unet_trains_after_the_head_saves_and_is_averaged_into_inference(tiny_unet_dir, tiny_encoder_dir,
+                                                                                       lvit_folder, tmp_path):
+    from textdiff import companion, preprocess
+    from textdiff.data import read_image
+    from textdiff.model import ModelConfig, TextDiffModel
+
+    config = ModelConfig(backbone=str(tiny_unet_dir), text_encoder=str(tiny_encoder_dir), window=32, tile=64,
+                         head_dim=16, precision="fp32", companion=[4, 8, 16], companion_weight=0.25)
+    model = TextDiffModel.build(config, "cpu", seed=0)
+    samples = read_lvit(lvit_folder)
+    untrained = {k: v.clone() for k, v in model.companion.state_dict().items()}
+    summary = train(model, samples, samples, tmp_path / "model", TrainConfig(epochs=1, companion_steps=6),
+                    progress=False)
+    assert summary["companion"]["steps"] == 6 and 0 <= summary["companion"]["dice"] <= 1
+    assert any(not torch.equal(untrained[k], v) for k, v in model.companion.state_dict().items())
+    loaded = TextDiffModel.load(tmp_path / "model", "cpu")
+    for name, value in model.companion.state_dict().items():
+        assert torch.equal(loaded.companion.state_dict()[name], value)
+    # inference: 3/4 of the head's probabilities plus 1/4 of the companion's, on the same working image
+    image = read_image(samples[0].image)
+    together = loaded.predict_image_proba(image, samples[0].report)
+    x = loaded.prepare(image.array)[None]
+    partner = preprocess.resize_to(companion.probabilities(loaded.companion, x, 32), image.size_hw)
+    partner_net, loaded.companion = loaded.companion, None
+    head_alone = loaded.predict_image_proba(image, samples[0].report)
+    assert not torch.allclose(head_alone, partner, atol=1e-3)
+    torch.testing.assert_close(together, 0.75 * head_alone + 0.25 * partner, atol=1e-5, rtol=1e-5)
+    # with the click memory on, a second look at the same image runs neither the backbone nor the companion again
+    loaded.companion = partner_net
+    loaded.keep_features(64)
+    first = loaded.predict_image_proba(image, samples[0].report)
+    calls = []
+    loaded.companion.register_forward_hook(lambda *_: calls.append(1))
+    loaded.features.register_forward_hook(lambda *_: calls.append(1))
+    torch.testing.assert_close(loaded.predict_image_proba(image, samples[0].report), first)
+    assert not calls
+    # the same companion trains the same from the same seed: the U-Net baseline of the curves is this training
+    again, steps = companion.train_new([4, 8, 16], samples, 3, 2, 1.0, 32, 6, seed=0)
+    assert steps == 6
+    for name, value in again.state_dict().items():
+        torch.testing.assert_close(value, partner_net.state_dict()[name])
+
+
+def test_a_run_stopped_before_the_companion_is_trained_keeps_the_head_alone(tiny_unet_dir, tiny_encoder_dir,
+                                                                             lvit_folder, tmp_path):
+    from textdiff.model import ModelConfig, TextDiffModel
+
+    def config(**changes):
+        return ModelConfig(**dict(backbone=str(tiny_unet_dir), text_encoder=str(tiny_encoder_dir), window=32, tile=64,
+                                  head_dim=16, precision="fp32", companion=[4, 8]) | changes)
+
+    samples = read_lvit(lvit_folder)
+    summary = train(TextDiffModel.build(config(), "cpu", seed=0), samples, [], tmp_path / "model",
+                    TrainConfig(epochs=3, companion_steps=100), progress=False, should_stop=lambda: True)
+    assert summary["epochs_run"] == 1 and "dropped" in summary["companion"]
+    loaded = TextDiffModel.load(tmp_path / "model", "cpu")
+    assert loaded.companion is None and loaded.config.companion is None
+    with pytest.raises(ValueError, match="companion_steps"):
+        train(TextDiffModel.build(config(), "cpu"), samples, [], tmp_path / "other", TrainConfig(companion_steps=0))
+    with pytest.raises(ValueError, match="divisible"):
+        TextDiffModel.build(config(companion=[4, 8, 16, 32, 64, 128, 256]), "cpu")

@@ -164,7 +164,7 @@ def run_campaign(model: TextDiffModel, pool: list[Sample], holdout: list[Sample]
             summary = train(model, [by_name[n] for n in labeled], [], model_dir,
                             dataclasses.replace(train_config, train_steps=steps, select="last", checkpoint=False,
                                                 resume=False), progress=False, cache=cache)
-            result = validate(model, held_out)
+            result = validate(model, held_out, samples=holdout)  # a companion U-Net, if any, counts too
             record["rounds"].append({"labels": len(labeled), "dice": result["dice"], "iou": result["iou"],
                                      "train_steps": steps, "epochs": summary["epochs"],
                                      "train_s": round(time.time() - started, 1)})

@@ -86,6 +86,8 @@ OPTION_FIELDS = {
     "labels": ("model", "labels", lambda names: {"background": 0} | {n: i + 1 for i, n in enumerate(names)}),
     "test_time_variants": ("model", "test_time_variants", None),
     "image_path": ("model", "image_path", lambda v: [w for w in v if w] or None), "ema": ("train", "ema", None),
+    "companion": ("model", "companion", lambda v: [w for w in v if w] or None),
+    "companion_weight": ("model", "companion_weight", None), "companion_steps": ("train", "companion_steps", None),
     "clicks": ("model", "clicks", None), "compact": ("model", "compact", lambda v: [k for k in v if k] or None),
     "select": ("train", "select", None), "unlabeled_weight": ("train", "unlabeled_weight", None),
     "epochs": ("train", "epochs", None), "train_steps": ("train", "train_steps", None),
@@ -130,6 +132,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-path", type=_ints, metavar="WIDTHS",
                    help=_help("widths of a trainable U-Net on the clean image joined to the head, e.g. "
                               "16,32,64,128,256; 0 = none", "model", "image_path"))
+    p.add_argument("--companion", type=_ints, metavar="WIDTHS",
+                   help=_help("widths of a plain U-Net trained on the labels beside the head, whose probabilities "
+                              "inference averages with the head's, e.g. 16,32,64,128,256; 0 = the head alone",
+                              "model", "companion"))
+    p.add_argument("--companion-weight", type=float,
+                   help=_help("the companion's share of the averaged probabilities", "model", "companion_weight"))
+    p.add_argument("--companion-steps", type=int,
+                   help=_help("training batches of the companion U-Net", "train", "companion_steps"))
     p.add_argument("--clicks", **FLAG, help="train a head that also reads annotator clicks (placed on its own errors "
                                             "while training; with no clicks it segments as a plain head)")
     p.add_argument("--compact", type=_ints, metavar="COUNTS",
@@ -195,9 +205,15 @@ def cmd_train(args) -> int:
     model = TextDiffModel.build(config, _device(args.device) or device, seed=train_config.seed)
     summary = train(model, samples, val, args.out, train_config, unlabeled_samples=unlabeled)
     teardown()
-    best = summary["best"]
+    best, partner = summary["best"], summary.get("companion") or {}
     val = f"val Dice {best['dice']:.4f}" if best["dice"] is not None else "no validation"
     kept = "the last epoch" if train_config.select == "last" else f"best epoch {best['epoch']}"
+    if "dropped" in partner:
+        kept += f", companion U-Net dropped ({partner['dropped']})"
+    elif partner:
+        kept += f" + a companion U-Net of {partner['steps']} steps"
+        if "dice" in partner:
+            val = f"val Dice {partner['dice']:.4f} ({val.removeprefix('val Dice ')} for the head alone)"
     print(f"saved {args.out}: {kept}, {val}, {summary['wall_s']:.0f} s", file=sys.stderr)
     return 0
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import preprocess
+from . import companion, preprocess
 from .backbone import (
     DEFAULT_BACKBONE,
     DEFAULT_NOISE_SEED,
@@ -81,6 +81,9 @@ class ModelConfig:
     # per prediction (head epochs ~1.2x faster on CPU; MoNuSeg Val -0.01 Dice)
     image_path: list[int] | None = None  # widths of a trainable U-Net on the clean image joined to the head (a
     # hybrid: with many labels never below a U-Net trained on the same labels); None = the frozen features only
+    companion: list[int] | None = None  # widths of a plain U-Net trained on the labeled images beside the head, whose
+    # probabilities inference averages with the head's (textdiff.companion); None = the head alone
+    companion_weight: float = 0.5  # the companion's share of the averaged probabilities
     clicks: bool = False  # the head also reads annotator clicks: one disk map per class beside the clean image
     click_radius: float = 3.0  # of a click's disk, in working-scale pixels
     compact: list[int] | None = None  # channels kept per hooked block: a fixed projection onto each block's principal
@@ -134,13 +137,15 @@ def frozen_encoder(source: str, max_tokens: int, device: str) -> ReportEncoder:
 
 class TextDiffModel(torch.nn.Module):
     def __init__(self, config: ModelConfig, features: DiffusionFeatures, encoder: ReportEncoder | None,
-                 head: FusionHead, projection: FeatureProjection | None = None):
+                 head: FusionHead, projection: FeatureProjection | None = None,
+                 companion: torch.nn.Module | None = None):
         super().__init__()
         self.config = config
         self.features = features
         self.encoder = encoder
         self.head = head
         self.projection = projection  # config.compact: applied to every backbone map before the head and the caches
+        self.companion = companion  # config.companion: a U-Net on the image alone, averaged with the head
         self.memory: FeatureMemory | None = None  # set by keep_features: backbone maps of recent windows
 
     @functools.cached_property
@@ -166,6 +171,12 @@ class TextDiffModel(torch.nn.Module):
         if (config.image_path or config.clicks) and not config.include_image:
             raise ValueError("image_path and clicks join the clean image: they need include_image")
         check_test_time_variants(config.test_time_variants)
+        if config.companion:
+            if not 0 < config.companion_weight <= 1:
+                raise ValueError(f"companion_weight must be in (0, 1], got {config.companion_weight}")
+            if config.window % companion.multiple(config.companion):
+                raise ValueError(f"window {config.window} must be divisible by "
+                                 f"{companion.multiple(config.companion)} for companion widths {config.companion}")
         for name in ("window", "tile"):
             if getattr(config, name) % features.multiple:
                 raise ValueError(f"{name} {getattr(config, name)} must be divisible by {features.multiple} "
@@ -193,10 +204,13 @@ class TextDiffModel(torch.nn.Module):
                               config.head_heads, config.use_text, list(spec.strides), config.text_min_stride,
                               upsample=list(spec.upsample), position=config.position,
                               subpixel=config.subpixel, image_path=config.image_path).to(device)
+            companion_net = None
+            if config.companion:
+                companion_net = companion.build(config.companion, features.in_channels, config.num_classes).to(device)
         if config.subpixel and not head.subpixel:  # the config says what the head is, not what was asked
             logger.warning("subpixel: these blocks give no full-resolution scale to fold; the head is the plain one")
             config.subpixel = False
-        return cls(config, features, encoder, head, projection)
+        return cls(config, features, encoder, head, projection, companion_net)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device=None, unet=None, encoder=None) -> "TextDiffModel":
@@ -219,6 +233,11 @@ class TextDiffModel(torch.nn.Module):
                 model.projection.load_state_dict(compact)
             elif compact:
                 raise RuntimeError("a projection without compact in the config")
+            partner = {k.removeprefix("companion."): state.pop(k) for k in list(state) if k.startswith("companion.")}
+            if model.companion is not None:
+                model.companion.load_state_dict(partner)
+            elif partner:
+                raise RuntimeError("companion weights without companion in the config")
             model.head.load_state_dict(state)
         except RuntimeError:
             raise ValueError(f"{model_dir}: its head weights do not fit this version's head layout (trained by an "
@@ -234,6 +253,8 @@ class TextDiffModel(torch.nn.Module):
             if not self.projection.fitted:
                 raise ValueError("the compact projection was never fitted (textdiff.train.fit_projection)")
             state |= {f"compact.{k}": v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()}
+        if self.companion is not None:
+            state |= {f"companion.{k}": v.detach().cpu().contiguous() for k, v in self.companion.state_dict().items()}
         digest = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in state.values())).hexdigest()[:12]
         weights = f"head-{digest}.safetensors"
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -343,7 +364,28 @@ class TextDiffModel(torch.nn.Module):
         probs = sum(unrotate_flip(self._variant_proba(rotate_flip(x, *variant), tokens, mask, variant, sw_batch_size,
                                                       pooled), *variant)
                     for variant in VARIANTS[:self.config.test_time_variants]) / self.config.test_time_variants
+        if self.companion is not None:  # the late ensemble: the U-Net sees the same variants of the image alone
+            image = x[:, :self.features.in_channels]
+            partner = sum(self._companion_proba(image, variant, sw_batch_size)
+                          for variant in VARIANTS[:self.config.test_time_variants]) / self.config.test_time_variants
+            weight = self.config.companion_weight
+            probs = (1 - weight) * probs + weight * partner
         return preprocess.resize_to(probs, plane.shape[:2]).cpu()
+
+    def _companion_proba(self, image: torch.Tensor, variant, sw_batch_size: int) -> torch.Tensor:
+        """The companion's probabilities of the working image turned by ``variant``, turned back; kept in
+        ``memory`` like the backbone maps, so a click round on an image seen before runs only the head."""
+        x = rotate_flip(image, *variant)
+        key = None
+        if self.memory is not None:
+            key = "companion/" + hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+            kept = self.memory.get(key)
+            if kept is not None:
+                return kept[0]
+        probs = unrotate_flip(companion.probabilities(self.companion, x, self.config.window, sw_batch_size), *variant)
+        if key is not None:
+            self.memory.put(key, [probs])
+        return probs
 
     def _variant_proba(self, x: torch.Tensor, tokens, mask, variant, sw_batch_size: int,
                        pooled: FeaturePool | None = None) -> torch.Tensor:

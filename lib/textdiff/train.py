@@ -25,7 +25,7 @@ from monai.losses import DiceCELoss
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import distributed, preprocess, priority
+from . import companion, distributed, preprocess, priority
 from .accel.heap import release_free_heap
 from .backbone import resolve_precision
 from .clicks import click_maps, training_clicks
@@ -62,6 +62,8 @@ class TrainConfig:
     # head learns to predict, under another flip/rotation and without the report half of the time, the confident
     # pixels of its moving average's prediction (mean teacher; needs ema > 0)
     pseudo_threshold: float = 0.9  # teacher probability above which a pixel of an unlabeled window is learned
+    companion_steps: int = 3000  # batches of the companion U-Net (a model with config.companion), trained after the
+    # head on the same labeled images: from scratch it needs many more steps than a head on frozen features
     cache_dir: str | None = None  # also keep extracted features on disk (16-bit safetensors), reused across runs
     cache_max_gb: float | None = DEFAULT_CACHE_MAX_GB  # least recently used files go beyond this; None = no limit
     cache_bits: int = 16  # 8: features stored as bytes with a scale and offset per channel and tile (half the disk
@@ -427,14 +429,21 @@ def cached_probabilities_many(model: TextDiffModel, images: list[CachedImage], h
             for x, n, (h, w) in zip(logits, counts, (image.scaled_size for image in images))]
 
 
-def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None) -> dict:
-    """Per-image mean Dice/IoU at native size of the head's predictions from cached features."""
+def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None,
+             samples: list[Sample] | None = None) -> dict:
+    """Per-image mean Dice/IoU at native size of the head's predictions from cached features. With the images'
+    ``samples`` and a companion: the head averaged with it (the companion reads the pixels: it has no cache)."""
     head = head or model.head
     head.eval()
     per_image = {}
-    for image in images:
-        label = preprocess.label_map(preprocess.resize_to(cached_probabilities(model, image, head),
-                                                          image.truth.shape)).numpy()
+    for k, image in enumerate(images):
+        probs = cached_probabilities(model, image, head)
+        if samples is not None and model.companion is not None:
+            x = model.prepare(read_image(samples[k].image).array)[None].to(model.device)
+            weight = model.config.companion_weight
+            probs = (1 - weight) * probs + weight * companion.probabilities(model.companion, x,
+                                                                            model.config.window).cpu()
+        label = preprocess.label_map(preprocess.resize_to(probs, image.truth.shape)).numpy()
         per_image[image.name] = dice_iou(label, image.truth, model.config.num_classes)
     dice = float(np.mean([d for d, _ in per_image.values()]))
     iou = float(np.mean([i for _, i in per_image.values()]))
@@ -484,6 +493,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         raise ValueError(f"ema must be in [0, 1), got {config.ema}")
     if config.select not in ("best", "last"):
         raise ValueError(f"select must be 'best' or 'last', got {config.select!r}")
+    if model.companion is not None and config.companion_steps < 1:
+        raise ValueError("a model with a companion U-Net needs companion_steps >= 1")
     if unlabeled_samples and not config.ema:
         raise ValueError("learning from unlabeled images needs a teacher: set ema (e.g. 0.99)")
     rank, world = distributed.current()  # under torchrun / multi_gpu: images sharded, head in DDP, rank 0 validates
@@ -543,6 +554,7 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
         first_epoch, wall_before = len(history) + 1, float(resumed["wall_s"])
     epochs = tqdm(range(first_epoch, total_epochs + 1), desc="train", unit="epoch", disable=not progress,
                   initial=first_epoch - 1, total=total_epochs)
+    stopping = False
     for epoch in epochs:
         epoch_started = time.time()
         loss = train_epoch(model, trained, images, optimizer, scheduler, loss_fn, config, steps_per_epoch, rng,
@@ -579,18 +591,41 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             break
     head.load_state_dict(best_state)
     head.eval()
+    partner = {}
+    if model.companion is not None and rank == 0:
+        partner = {"steps": 0} if stopping else train_companion(model, train_samples, config, should_stop,
+                                                                       progress)
+        if partner["steps"] < config.companion_steps:  # stopped: a half-trained companion would only add noise
+            model.companion, model.config.companion = None, None
+            partner["dropped"] = "stopped before its training ended: the model is the head alone"
+        elif val_images:
+            partner |= {k: validate(model, val_images, samples=val_samples)[k] for k in ("dice", "iou")}
     summary = {"best": best, "epochs": total_epochs, "epochs_run": len(history), "train_images": len(train_samples),
                "world_size": world, "val_images": len(val_images), "unlabeled_images": len(unlabeled_samples or []),
                "windows": n_windows,
                "wall_s": round(wall_before + time.time() - started, 1),  # all parts of a resumed run
                "resumed_at_epoch": first_epoch if first_epoch > 1 else None,
                "features_s": round(features_s, 1), "stopped_early": len(history) < total_epochs,
-               "backbone_tiles_extracted": cache.extractions, "config": config.__dict__, "history": history}
+               "backbone_tiles_extracted": cache.extractions, "config": config.__dict__, "history": history,
+               **({"companion": partner} if partner else {})}
     if rank == 0:
         model.save(out_dir, extra=summary)
         if len(history) == total_epochs:  # complete: nothing left to resume
             state_path.unlink(missing_ok=True)
     return summary
+
+
+def train_companion(model: TextDiffModel, samples: list[Sample], config: TrainConfig, should_stop=None,
+                    progress: bool = False) -> dict:
+    """Replace ``model.companion`` by one trained from ``config.seed`` on ``samples`` for ``config.companion_steps``
+    (every labeled image: it runs on one process). Returns its steps and wall time."""
+    c = model.config
+    started = time.time()
+    model.companion, steps = companion.train_new(
+        c.companion, samples, model.features.in_channels, c.num_classes, c.scale, c.window, config.companion_steps,
+        config.seed, config.batch_size, model.device, c.precision, should_stop, progress=progress)
+    release_free_heap()
+    return {"steps": steps, "wall_s": round(time.time() - started, 1)}
 
 
 PROJECTION_IMAGES = 8  # training images whose backbone maps fit a compact projection

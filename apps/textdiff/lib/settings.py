@@ -60,6 +60,8 @@ class AppSettings:
     # scoring share them; the least recently used files go first)
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
+    companion: bool | None = None  # new heads with a companion U-Net (better label maps, ~10 more minutes per
+    # training on a 2-core CPU); None = as the initial model
     max_image_pixels: int = MAX_PIXELS
     max_report_chars: int = 4000
     val_fraction: float = 0.2  # held out for model selection once there are >= 3 labels
@@ -80,7 +82,7 @@ class AppSettings:
         "click_memory_mb": ("click_memory_mb", int), "feature_cache_gb": ("feature_cache_gb", float),
         "background_nice": ("background_nice", int),
         "background_yield": ("background_yield", _bool),
-        "subpixel": ("subpixel", _bool),
+        "subpixel": ("subpixel", _bool), "companion": ("companion", _bool),
         "max_image_pixels": ("max_image_pixels", int), "max_report_chars": ("max_report_chars", int),
         "val_fraction": ("val_fraction", float),
         "test_time_variants": ("test_time_variants", lambda s: check_test_time_variants(int(s))),

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
+from textdiff import companion
 from textdiff.model import ModelConfig, TextDiffModel, resolve_model_dir
 from textdiff.train import TrainConfig, train
 
@@ -73,6 +74,8 @@ class TextDiffTrain(TrainTask):
             changes["subpixel"] = self.settings.subpixel
         if self.settings.clicks:
             changes["clicks"] = True
+        if self.settings.companion is not None:
+            changes["companion"] = (config.companion or list(companion.WIDTHS)) if self.settings.companion else None
         return dataclasses.replace(config, **changes)
 
     def __call__(self, request, datastore):
