@@ -382,7 +382,8 @@ class TextDiffModel(torch.nn.Module):
             kept = self.memory.get(key)
             if kept is not None:
                 return kept[0]
-        probs = unrotate_flip(companion.probabilities(self.companion, x, self.config.window, sw_batch_size), *variant)
+        probs = unrotate_flip(companion.probabilities(self.companion, x, self.config.window, sw_batch_size,
+                                                      self.config.precision), *variant)
         if key is not None:
             self.memory.put(key, [probs])
         return probs
