@@ -3,8 +3,8 @@ frozen features; inference averages the two models' probabilities (a late ensemb
 
 Why: the head reads frozen diffusion features and leads with a few labels; a network trained end to end on the image
 keeps improving with more labels, where the frozen features stop. Their errors differ, so the average beats both
-(MoNuSeg Val, 24 labels: docs/results.md, `monuseg-ablation-late-ensemble-unet`). The same training serves as the
-label-efficiency curves' U-Net baseline (``scripts/unet_baseline.py``), so the baseline is exactly the companion.
+(docs/results.md, "The companion U-Net", label count by label count). The same training serves as the
+label-efficiency curves' U-Net baseline (``scripts/unet_baseline.py``, which also keeps its best of 10 checks).
 """
 from __future__ import annotations
 
