@@ -435,12 +435,13 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
                          f"got {counts} and {epochs} epochs")
     torch.manual_seed(0)
     # the served model's recipe (blocks, steps, scale, head), with a fresh head on the chosen backbone; ``blocks``
-    # replaces its blocks for extraction and training (the early exit's saving depends on the deepest one)
+    # replaces its blocks for extraction and training (the early exit's saving depends on the deepest one). The
+    # training comparison is the head's (the paper's loop): a companion U-Net's fixed steps are no part of it
     recipe = json.loads((resolve_model_dir(model_dir) / CONFIG_NAME).read_text())
     if blocks:
         recipe["blocks"] = list(blocks)
     config = ModelConfig.from_dict(dict(recipe, backbone=backbone, feature_channels=None, backbone_fingerprint=None,
-                                        weights=None))
+                                        weights=None, companion=None))
     model = TextDiffModel.build(config)
     samples = read_lvit(data / "Train_Folder")
     result: dict = {"device": f"{model.device.type} ({cpu_name()}, {torch.get_num_threads()} threads, "
