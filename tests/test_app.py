@@ -303,7 +303,8 @@ def test_clicks_and_report_correct_a_label_the_way_slicer_sends_them(click_clien
     assert len(model.memory.entries) == kept  # the same image: its backbone maps were reused
     for bad, reason in (({"foreground": [[400, 40]]}, "outside"), ({"foreground": [["a", 40]]}, "finite numbers"),
                         ({"foreground": [[4, 4, 2]]}, "column, row"), ({"foreground": "40,40"}, "list"),
-                        ({"foreground": [[4, 4]] * 5000}, "at most"), ({"background": [[1, float("inf")]]}, "finite")):
+                        ({"foreground": [[4, 4]] * 5000}, "at most"), ({"background": [[1, float("inf")]]}, "finite"),
+                        ({"tumour": [[4, 4]], "foreground": [[40, 40]]}, "unknown labels ['tumour']")):
         response = interactive(**bad)
         assert response.status_code == 400 and reason in response.text, (bad, response.status_code, response.text)
 

@@ -102,6 +102,9 @@ class TextDiffInteractive(TextDiffInfer):
         image = data["image"]
         # the names Slicer sends (this task's labels) and the served model's: a name the model lacks is a 400
         names = sorted(set(self.labels) | set(model.config.labels))
+        strays = sorted(key for key, value in data.items() if key not in names and _looks_like_points(value))
+        if strays:  # points under a name no label has would be dropped unseen: the annotator must know
+            raise bad_request(f"points under unknown labels {strays[:5]}"[:200] + f"; the labels are {names}")
         points = [{"y": point[1], "x": point[0], "label": name} for name in names
                   for point in _points(data.get(name), name)]
         if points and image.is_volume:
@@ -113,6 +116,13 @@ class TextDiffInteractive(TextDiffInfer):
         if model.memory is None:
             model.keep_features(self.settings.click_memory_mb)
         return data
+
+
+def _looks_like_points(value) -> bool:
+    """A non-empty list of [column, row] / [column, row, 0] numbers: what Slicer sends under a label's name."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, list) and len(p) in (2, 3) and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                         for c in p) for p in value)
 
 
 def _points(value, name: str) -> list:
