@@ -600,7 +600,8 @@ def train(model: TextDiffModel, train_samples: list[Sample], val_samples: list[S
             model.companion, model.config.companion = None, None
             partner["dropped"] = "stopped before its training ended: the model is the head alone"
         elif val_images:
-            partner |= {k: validate(model, val_images, samples=val_samples)[k] for k in ("dice", "iou")}
+            together = validate(model, val_images, samples=val_samples)
+            partner |= {"dice": together["dice"], "iou": together["iou"]}
     summary = {"best": best, "epochs": total_epochs, "epochs_run": len(history), "train_images": len(train_samples),
                "world_size": world, "val_images": len(val_images), "unlabeled_images": len(unlabeled_samples or []),
                "windows": n_windows,
