@@ -597,7 +597,8 @@ def companion_lines(runs: dict) -> list[str]:
     return ["", "## The companion U-Net", "",
             "The `monuseg` recipe trains a plain U-Net on the same labels after the head (`--companion`, 3000 steps,",
             "no selection) and averages the two models' probabilities. Seed 0, MoNuSeg Val; the U-Net trained alone",
-            "is the curves' baseline (its best of 10 checks on Val).", "",
+            "is the curves' baseline (its best of 10 checks on Val; '-': not yet run at the recipe's working scale).",
+            "",
             "| labels | head alone | head + companion | companion's gain | U-Net alone |", "|---|---|---|---|---|",
             *rows]
 

@@ -774,3 +774,22 @@ def test_a_run_stopped_before_the_companion_is_trained_keeps_the_head_alone(tiny
         train(TextDiffModel.build(config(), "cpu"), samples, [], tmp_path / "other", TrainConfig(companion_steps=0))
     with pytest.raises(ValueError, match="divisible"):
         TextDiffModel.build(config(companion=[4, 8, 16, 32, 64, 128, 256]), "cpu")
+
+
+def test_the_benchmark_times_inference_with_and_without_the_companion(tiny_unet_dir, tiny_encoder_dir, lvit_folder,
+                                                                      tmp_path):
+    from textdiff.benchmark import bench_companion, table
+    from textdiff.model import ModelConfig
+
+    def saved(folder, **changes):
+        config = ModelConfig(**dict(backbone=str(tiny_unet_dir), text_encoder=str(tiny_encoder_dir), window=32,
+                                    tile=64, head_dim=16, precision="fp32") | changes)
+        return TextDiffModel.build(config, "cpu", seed=0).save(tmp_path / folder)
+
+    tile = lvit_folder / "img" / "case_0.png"
+    assert bench_companion(str(saved("plain")), tile) == {}
+    result = bench_companion(str(saved("paired", companion=[4, 8])), tile, repeats=1)
+    assert result["infer_model_with_companion_s"] > 0 and result["infer_model_head_only_s"] > 0
+    assert result["companion_infer_ratio"] == pytest.approx(
+        result["infer_model_with_companion_s"] / result["infer_model_head_only_s"])
+    assert "with / without the companion" in table(result)

@@ -283,6 +283,27 @@ def bench_train(config: ModelConfig, data: Path, epochs: int, measured_epochs: i
             "peak_rss_gb": fast["peak_rss_gb"]}
 
 
+def bench_companion(model_dir: str, tile: Path, repeats: int = 3) -> dict:
+    """In-process inference of one tile by the model with and without its companion U-Net, alternately (the two
+    medians share the machine's state), and their ratio; {} for a model without a companion."""
+    model = TextDiffModel.load(model_dir)
+    if model.companion is None:
+        return {}
+    image = read_image(tile)
+    partner = model.companion
+    times: dict[str, list[float]] = {"with": [], "head": []}
+    for _ in range(repeats + 1):  # the first pair warms up and is not counted
+        for kind in ("with", "head"):
+            model.companion = partner if kind == "with" else None
+            start = time.perf_counter()
+            model.predict_image_proba(image)
+            times[kind].append(time.perf_counter() - start)
+    model.companion = partner
+    with_s, head_s = (statistics.median(times[k][1:]) for k in ("with", "head"))
+    return {"infer_model_with_companion_s": with_s, "infer_model_head_only_s": head_s,
+            "companion_infer_ratio": with_s / head_s}
+
+
 def bench_infer(model_dir: str, tile: Path, requests: int = 5, background_images: int = 40) -> dict:
     """Median REST infer time of one tile on a warm in-process MONAI Label server (the shipped app): idle, and while
     the server scores a pool of ``background_images`` in its background process (0: not measured)."""
@@ -449,7 +470,7 @@ def run(backbone: str = "default", data: Path = DEFAULT_DATA, model_dir: str = "
                     "blocks": list(model.config.blocks)}
     parts = {"extract": lambda: bench_extract(model, _windows(samples, model, windows)),
              "train": lambda: bench_train(config, data, epochs, measured_epochs, reference_steps),
-             "infer": lambda: bench_infer(model_dir, samples[0].image)}
+             "infer": lambda: bench_infer(model_dir, samples[0].image) | bench_companion(model_dir, samples[0].image)}
     if adm:
         parts["adm"] = lambda: bench_adm(model.device)
     if pool:
@@ -475,6 +496,7 @@ def table(result: dict) -> str:
             ("  busy / idle", "infer_busy_ratio", "{:.2f}x", "goal <= 1.3x"),
             ("REST click round, same tile again, median", "click_round_1000px_s", "{:.2f} s", "goal <= 0.5 s"),
             ("  its first click round (backbone maps computed)", "click_first_round_1000px_s", "{:.2f} s", ""),
+            ("in-process infer with / without the companion U-Net", "companion_infer_ratio", "{:.2f}x", ""),
             ("peak RSS, training on 30 MoNuSeg images", "peak_rss_gb", "{:.2f} GB", "goal <= 8 GB"),
             ("ADM-256 layout, 256x256 windows/s (bf16/fp16)", "adm_windows_per_s", "{:.2f}", ""),
             ("  physical limit (peak rate / 3 full forwards)", "adm_limit_windows_per_s", "{:.2f}", ""),
