@@ -60,7 +60,7 @@ class AppSettings:
     # scoring share them; the least recently used files go first)
     scale: float | None = None  # working scale of new heads; None = the initial model's
     subpixel: bool | None = None  # new heads without a full-resolution stage (faster); None = the initial model's
-    companion: bool | None = None  # new heads with a companion U-Net (better label maps, ~10 more minutes per
+    companion: bool | None = None  # new heads with a companion U-Net (better label maps, ~12 more minutes per
     # training on a 2-core CPU); None = as the initial model
     max_image_pixels: int = MAX_PIXELS
     max_report_chars: int = 4000
