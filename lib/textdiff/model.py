@@ -368,9 +368,13 @@ class TextDiffModel(torch.nn.Module):
             image = x[:, :self.features.in_channels]
             partner = sum(self._companion_proba(image, variant, sw_batch_size)
                           for variant in VARIANTS[:self.config.test_time_variants]) / self.config.test_time_variants
-            weight = self.config.companion_weight
-            probs = (1 - weight) * probs + weight * partner
+            probs = self.blend(probs, partner)
         return preprocess.resize_to(probs, plane.shape[:2]).cpu()
+
+    def blend(self, head_probs: torch.Tensor, companion_probs: torch.Tensor) -> torch.Tensor:
+        """The late ensemble: the head's and the companion U-Net's probabilities, by ``companion_weight``."""
+        weight = self.config.companion_weight
+        return (1 - weight) * head_probs + weight * companion_probs
 
     def _companion_proba(self, image: torch.Tensor, variant, sw_batch_size: int) -> torch.Tensor:
         """The companion's probabilities of the working image turned by ``variant``, turned back; kept in

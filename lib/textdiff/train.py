@@ -440,10 +440,9 @@ def validate(model: TextDiffModel, images, head: torch.nn.Module | None = None,
         probs = cached_probabilities(model, image, head)
         if samples is not None and model.companion is not None:
             x = model.prepare(read_image(samples[k].image).array)[None].to(model.device)
-            weight = model.config.companion_weight
             partner = companion.probabilities(model.companion, x, model.config.window,
                                               precision=model.config.precision)
-            probs = (1 - weight) * probs + weight * partner.cpu()
+            probs = model.blend(probs, partner.cpu())
         label = preprocess.label_map(preprocess.resize_to(probs, image.truth.shape)).numpy()
         per_image[image.name] = dice_iou(label, image.truth, model.config.num_classes)
     dice = float(np.mean([d for d, _ in per_image.values()]))
